@@ -1,0 +1,56 @@
+"""certctl: build, inspect, verify, install and serve SEV-SNP certificate blobs.
+
+Each subcommand lives in ``certd.cli.cmd_<name>`` and exposes ``register(subparsers)``,
+which adds its parser and sets ``func(args) -> int``. Subcommands raise
+:class:`certd.cli.common.CliError` for failures the user should see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from certd.cli import exitcodes
+from certd.cli.common import CliError, report_error
+
+#: Subcommand modules, in the order --help lists them.
+COMMANDS = ("build", "show", "verify")
+
+DESCRIPTION = """\
+certctl manages the SEV-SNP certificate blob that certd serves to VMMs and that a stock
+QEMU (certs-filename=) reads directly: the GHCB certificate table of ARK, ASK/ASVK,
+VCEK/VLEK and optionally a CRL.
+
+Typical flow:
+  certctl build --chain cert_chain.pem --vcek vcek.der -o certs.blob
+  certctl show certs.blob
+  certctl verify certs.blob --report report.bin
+
+Every subcommand takes --json for scripts. Run 'certctl COMMAND --help' for details.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="certctl", description=DESCRIPTION, epilog=exitcodes.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"certd.cli.cmd_{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as err:
+        return report_error(args, err)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""What every certctl subcommand shares: --json output, errors that map to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from certd.cli import exitcodes
+
+
+class CliError(Exception):
+    """A failure to report to the user: ``message`` says what went wrong, ``code`` is the
+    exit code (see :mod:`certd.cli.exitcodes`), ``details`` is extra data for ``--json``."""
+
+    def __init__(self, message: str, code: int = exitcodes.DATAERR, **details: Any):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.details = details
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout instead of text")
+
+
+def emit(args: argparse.Namespace, data: dict[str, Any], text: str | Callable[[], str]) -> None:
+    """Print ``data`` as JSON with --json, else the human text (a string or a callable)."""
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
+        sys.stdout.write("\n")
+    else:
+        out = text() if callable(text) else text
+        if out:
+            print(out)
+    sys.stdout.flush()
+
+
+def report_error(args: argparse.Namespace, err: CliError) -> int:
+    if getattr(args, "json", False):
+        emit(args, {"ok": False, "error": err.message, "exit_code": err.code, **err.details}, "")
+    else:
+        print(f"certctl: error: {err.message}", file=sys.stderr)
+    return err.code
+
+
+def read_input(path: str, what: str) -> bytes:
+    """Read an input file, turning OS errors into a CliError that names file and cause."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CliError(f"{what} {path!r} does not exist", exitcodes.NOINPUT) from None
+    except IsADirectoryError:
+        raise CliError(f"{what} {path!r} is a directory", exitcodes.NOINPUT) from None
+    except OSError as e:
+        raise CliError(f"cannot read {what} {path!r}: {e.strerror}", exitcodes.NOINPUT) from None
