@@ -413,6 +413,8 @@ def _parse_status(buf: bytearray, off: int, n: int, rid: int) -> Status:
 
 
 def _parse_get_reply(buf: bytearray, off: int, n: int, rid: int) -> GetReply:
+    if rid == 0:
+        raise _bad(rid, "GET_REPLY with request id 0: replies answer a request", ErrorCode.BAD_REQUEST_ID)
     if n < GET_REPLY_FIXED_SIZE:
         raise _bad(rid, f"GET_REPLY payload is {n} bytes; at least {GET_REPLY_FIXED_SIZE} "
                         "are required")
@@ -432,6 +434,8 @@ def _parse_get_reply(buf: bytearray, off: int, n: int, rid: int) -> GetReply:
 
 
 def _parse_release_reply(buf: bytearray, off: int, n: int, rid: int) -> ReleaseReply:
+    if rid == 0:
+        raise _bad(rid, "RELEASE_REPLY with request id 0: replies answer a request", ErrorCode.BAD_REQUEST_ID)
     if n != RELEASE_REPLY_SIZE:
         raise _bad(rid, f"RELEASE_REPLY payload is {n} bytes; must be {RELEASE_REPLY_SIZE}")
     lease, result, reserved = _RELEASE_REPLY.unpack_from(buf, off)
@@ -445,6 +449,8 @@ def _parse_release_reply(buf: bytearray, off: int, n: int, rid: int) -> ReleaseR
 
 
 def _parse_status_reply(buf: bytearray, off: int, n: int, rid: int) -> StatusReply:
+    if rid == 0:
+        raise _bad(rid, "STATUS_REPLY with request id 0: replies answer a request", ErrorCode.BAD_REQUEST_ID)
     try:
         doc = json.loads(bytes(buf[off:off + n]))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
