@@ -1,0 +1,272 @@
+"""The platform's identity: product, reported/current TCB, chip id, masking, signing key.
+
+On an SNP host these come from ``/dev/sev`` (:func:`read_dev_sev`). Hosts without SNP,
+tests and ``certd --dev`` use a small TOML *platform file* with the same fields::
+
+    # certd platform file
+    product = "Milan"               # Milan, Genoa (also Siena/Bergamo) or Turin
+    chip_id = "3ac3fe21...6b5d"     # hex; 64 bytes (Milan/Genoa) or 8 bytes (Turin)
+    mask_chip_id = false            # true: guests' reports carry an all-zero CHIP_ID
+    signing_key = "vcek"            # or "vlek" (a CSP-provisioned VLEK is loaded)
+
+    [reported_tcb]                  # selects the VCEK; fmc only on Turin
+    bl = 2
+    tee = 0
+    snp = 5
+    ucode = 68
+
+    [current_tcb]                   # optional
+    bl = 2
+    ...
+
+``chip_id`` may be omitted only when the chip id is masked or the signing key is the
+VLEK (neither compares a hwID).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from certd.abi import tcb as tcbmod
+from certd.abi.product import Product
+from certd.abi.tcb import Tcb
+
+SIGNING_KEYS = ("vcek", "vlek")
+
+
+class PlatformError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Platform:
+    product: Product
+    reported_tcb: Tcb
+    #: The hwID as VCEKs carry it: 64 bytes Milan/Genoa, 8 bytes Turin (a 64-byte Turin
+    #: CHIP_ID with a zero tail is shortened). None: unknown, hwID is not compared.
+    chip_id: bytes | None = None
+    current_tcb: Tcb | None = None
+    mask_chip_id: bool = False
+    signing_key: str = "vcek"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.product, Product):
+            raise PlatformError(f"product must be a Product, got {self.product!r}")
+        for name in ("reported_tcb", "current_tcb"):
+            t = getattr(self, name)
+            if t is None and name == "current_tcb":
+                continue
+            if not isinstance(t, Tcb):
+                raise PlatformError(f"{name} must be a Tcb, got {t!r}")
+            try:
+                tcbmod.encode(t, self.product)  # fmc present exactly on Turin
+            except tcbmod.TcbError as e:
+                raise PlatformError(f"{name}: {e}") from None
+        if self.signing_key not in SIGNING_KEYS:
+            raise PlatformError(f"signing_key must be one of {', '.join(SIGNING_KEYS)}, "
+                                f"got {self.signing_key!r}")
+        if self.chip_id is not None:
+            cid = bytes(self.chip_id)
+            if self.product.turin_layout and len(cid) == 64 and not any(cid[8:]):
+                cid = cid[:8]
+            if len(cid) != self.product.hwid_len:
+                raise PlatformError(f"{self.product.value} chip_id is {self.product.hwid_len} "
+                                    f"bytes, got {len(cid)}")
+            object.__setattr__(self, "chip_id", cid)
+
+    @property
+    def vlek(self) -> bool:
+        return self.signing_key == "vlek"
+
+    def replace(self, **changes: Any) -> "Platform":
+        return dataclasses.replace(self, **changes)
+
+
+# --- platform file ----------------------------------------------------------------------
+
+def _tcb_from(table: Any, where: str, product: Product) -> Tcb:
+    if not isinstance(table, dict):
+        raise PlatformError(f"{where} must be a table with bl, tee, snp, ucode"
+                            f"{', fmc' if product.turin_layout else ''}")
+    allowed = {"bl", "tee", "snp", "ucode", "fmc"}
+    extra = set(table) - allowed
+    if extra:
+        raise PlatformError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
+    try:
+        t = Tcb(**{k: int(v) for k, v in table.items()})
+    except (TypeError, ValueError) as e:
+        raise PlatformError(f"{where}: {e}") from None
+    return t
+
+
+def loads(text: str, source: str = "<platform file>") -> Platform:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PlatformError(f"{source}: not valid TOML: {e}") from None
+    known = {"product", "chip_id", "mask_chip_id", "signing_key", "reported_tcb", "current_tcb"}
+    extra = set(doc) - known
+    if extra:
+        raise PlatformError(f"{source}: unknown key(s) {', '.join(sorted(extra))}")
+    for key in ("product", "reported_tcb"):
+        if key not in doc:
+            raise PlatformError(f"{source}: missing {key!r}")
+    try:
+        product = Product.parse(str(doc["product"]))
+    except ValueError as e:
+        raise PlatformError(f"{source}: {e}") from None
+    mask = doc.get("mask_chip_id", False)
+    if not isinstance(mask, bool):
+        raise PlatformError(f"{source}: mask_chip_id must be true or false")
+    signing_key = str(doc.get("signing_key", "vcek")).lower()
+    chip_id = None
+    if "chip_id" in doc:
+        text_id = re.sub(r"[\s:]", "", str(doc["chip_id"]))
+        try:
+            chip_id = bytes.fromhex(text_id)
+        except ValueError:
+            raise PlatformError(f"{source}: chip_id is not hex") from None
+    elif not mask and signing_key != "vlek":
+        raise PlatformError(f"{source}: missing 'chip_id' (required unless mask_chip_id = true "
+                            "or signing_key = \"vlek\")")
+    try:
+        return Platform(
+            product=product,
+            reported_tcb=_tcb_from(doc["reported_tcb"], f"{source}: [reported_tcb]", product),
+            current_tcb=(_tcb_from(doc["current_tcb"], f"{source}: [current_tcb]", product)
+                         if "current_tcb" in doc else None),
+            chip_id=chip_id, mask_chip_id=mask, signing_key=signing_key)
+    except PlatformError as e:
+        msg = str(e)
+        raise PlatformError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+def load(path: str | Path) -> Platform:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlatformError(f"{p}: cannot read platform file ({getattr(e, 'strerror', None) or e})") from None
+    return loads(text, str(p))
+
+
+def _tcb_toml(section: str, t: Tcb) -> str:
+    lines = [f"[{section}]"]
+    if t.fmc is not None:
+        lines.append(f"fmc = {t.fmc}")
+    lines += [f"bl = {t.bl}", f"tee = {t.tee}", f"snp = {t.snp}", f"ucode = {t.ucode}"]
+    return "\n".join(lines) + "\n"
+
+
+def dumps(p: Platform) -> str:
+    out = ["# certd platform file (stand-in for /dev/sev)",
+           f'product = "{p.product.value}"']
+    if p.chip_id is not None:
+        out.append(f'chip_id = "{p.chip_id.hex()}"')
+    out += [f"mask_chip_id = {'true' if p.mask_chip_id else 'false'}",
+            f'signing_key = "{p.signing_key}"', ""]
+    text = "\n".join(out) + "\n" + _tcb_toml("reported_tcb", p.reported_tcb)
+    if p.current_tcb is not None:
+        text += "\n" + _tcb_toml("current_tcb", p.current_tcb)
+    return text
+
+
+def save(p: Platform, path: str | Path) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(dumps(p), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- /dev/sev (best effort; cannot run without SNP hardware) ----------------------------
+
+SEV_ISSUE_CMD = 0xC0105300  # _IOWR('S', 0, struct sev_issue_cmd), 16 bytes packed
+SEV_GET_ID2 = 8
+SNP_PLATFORM_STATUS = 9
+
+
+def product_from_cpuinfo(path: str = "/proc/cpuinfo") -> Product:
+    """Product from the first CPU's family/model (what CPUID says; Siena/Bergamo -> Genoa)."""
+    fam = model = None
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "cpu family" and fam is None:
+                    fam = int(value)
+                elif key == "model" and model is None:
+                    model = int(value)
+                if fam is not None and model is not None:
+                    break
+    except (OSError, ValueError) as e:
+        raise PlatformError(f"cannot read CPU family/model from {path}: {e}") from None
+    product = Product.from_cpuid(fam or 0, model or 0) if fam is not None else None
+    if product is None:
+        raise PlatformError(f"CPU family {fam} model {model} is not a known SEV-SNP product")
+    return product
+
+
+def read_dev_sev(path: str = "/dev/sev", *, product: Product | None = None) -> Platform:
+    """Read SNP_PLATFORM_STATUS and GET_ID2 from the SEV firmware device.
+
+    Layouts (include/uapi/linux/psp-sev.h): sev_issue_cmd {u32 cmd; u64 data; u32 error}
+    packed; sev_user_data_snp_status 32 bytes (flags u32 at 8: bit0 mask_chip_id, bit2
+    vlek_en; current_tcb u64 at 16; reported_tcb u64 at 24); sev_user_data_get_id2
+    {u64 address; u32 length} packed. Untested here (no SNP host); kept small on purpose.
+    """
+    import ctypes
+    import fcntl
+    import struct
+
+    if not os.path.exists(path):
+        raise PlatformError(f"{path} does not exist: this host has no SEV firmware interface "
+                            "(not an AMD SEV-SNP host, or the ccp/kvm_amd modules are not "
+                            "loaded); use a platform file instead")
+    product = product or product_from_cpuinfo()
+
+    def issue(fd: int, cmd: int, buf: ctypes.Array) -> None:
+        arg = bytearray(struct.pack("<IQI", cmd, ctypes.addressof(buf), 0))
+        try:
+            fcntl.ioctl(fd, SEV_ISSUE_CMD, arg, True)
+        except OSError as e:
+            fw_error = struct.unpack_from("<I", arg, 12)[0]
+            raise PlatformError(f"{path}: SEV command {cmd} failed: {e.strerror} "
+                                f"(firmware error 0x{fw_error:x})") from None
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as e:
+        raise PlatformError(f"cannot open {path}: {e.strerror} (needs root or the device's "
+                            "group)") from None
+    try:
+        status = ctypes.create_string_buffer(32)
+        issue(fd, SNP_PLATFORM_STATUS, status)
+        ident = ctypes.create_string_buffer(64)
+        id2 = ctypes.create_string_buffer(struct.pack("<QI", ctypes.addressof(ident), 64), 12)
+        issue(fd, SEV_GET_ID2, id2)
+        id_len = struct.unpack_from("<I", id2.raw, 8)[0]
+    finally:
+        os.close(fd)
+    flags, = struct.unpack_from("<I", status.raw, 8)
+    current, reported = struct.unpack_from("<QQ", status.raw, 16)
+    chip_id = ident.raw[: min(id_len, 64)][: product.hwid_len]
+    if len(chip_id) != product.hwid_len:
+        raise PlatformError(f"{path}: GET_ID2 returned {id_len} bytes; a {product.value} "
+                            f"chip id has {product.hwid_len}")
+    return Platform(product=product,
+                    reported_tcb=tcbmod.decode(reported, product),
+                    current_tcb=tcbmod.decode(current, product),
+                    chip_id=chip_id,
+                    mask_chip_id=bool(flags & 1),
+                    signing_key="vlek" if flags & 4 else "vcek")
