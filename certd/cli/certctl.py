@@ -15,7 +15,7 @@ from certd.cli import exitcodes
 from certd.cli.common import CliError, report_error
 
 #: Subcommand modules, in the order --help lists them.
-COMMANDS = ("build", "show", "verify")
+COMMANDS = ("build", "show", "verify", "install", "rollback", "lock", "fetch", "status")
 
 DESCRIPTION = """\
 certctl manages the SEV-SNP certificate blob that certd serves to VMMs and that a stock

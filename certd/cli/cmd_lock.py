@@ -1,0 +1,134 @@
+"""certctl lock: run a command while holding the blob's lock (flock(1) for OFD locks)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from certd.cli import exitcodes
+from certd.cli.common import CliError, add_json_flag, emit
+from certd.store import locks
+
+HELP = "run a command while holding the blob's shared or exclusive lock"
+DESCRIPTION = """\
+Like flock(1), but with the locks QEMU and certd actually use: whole-file OFD fcntl locks
+on the blob, the inode check (the blob is replaced by rename, so the lock is taken on the
+file that is at the path), and the update gate (--exclusive takes it first, so a stream of
+readers cannot starve it).
+
+Firmware-update hooks wrap their work in 'certctl lock --exclusive': no reader gets the
+old certificates while the endorsement key changes. A 'certctl install' run by CMD reuses
+the held lock (passed down in $CERTD_LOCK_HELD) and installs the matching blob before the
+lock is released. --exclusive on a blob that does not exist yet holds the gate only.
+
+SIGTERM, SIGINT, SIGHUP and SIGQUIT received by certctl are forwarded to CMD.
+With --json, one JSON object describing the lock and CMD's exit is printed on stdout after
+CMD exits (CMD's own output comes first).
+"""
+EPILOG = """\
+exit codes:
+  CMD's exit status, or 128+N if CMD was killed by signal N
+   66  --shared on a blob that does not exist
+   74  the lock could not be taken (directory missing, permissions)
+   75  busy: the lock was not obtained within --timeout (CMD was not run)
+  126  CMD could not be executed
+  127  CMD was not found
+"""
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lock", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       usage="certctl lock --blob PATH (--shared | --exclusive) "
+                             "[--timeout S] [--json] -- CMD [ARGS...]")
+    p.add_argument("--blob", required=True, metavar="PATH", help="the blob path readers use")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--shared", action="store_true", help="take the lock shared (reader)")
+    mode.add_argument("--exclusive", action="store_true", help="take the lock exclusive (updater)")
+    p.add_argument("--timeout", type=float, default=2.0, metavar="S",
+                   help="seconds to wait for the lock (default %(default)s)")
+    add_json_flag(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=run)
+
+
+def _acquire(args: argparse.Namespace, lk: locks.BlobLock) -> locks.Hold:
+    deadline = locks.deadline_in(args.timeout)
+    try:
+        if args.exclusive:
+            return lk.acquire_exclusive_sync(deadline, missing_ok=True)
+        return lk.acquire_shared_sync(deadline)
+    except locks.LockBusy as e:
+        raise CliError(str(e), exitcodes.BUSY, waited_s=round(e.waited, 6), busy=e.what) from None
+    except locks.BlobMissing:
+        raise CliError(f"blob {lk.path} does not exist: nothing to lock shared",
+                       exitcodes.NOINPUT) from None
+    except OSError as e:
+        raise CliError(f"cannot lock {e.filename or lk.path}: {e.strerror}",
+                       exitcodes.IOERR) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise CliError("no command given: certctl lock ... -- CMD [ARGS...]", exitcodes.USAGE)
+    mode = "exclusive" if args.exclusive else "shared"
+    lk = locks.BlobLock(args.blob)
+    t0 = time.monotonic()
+    hold = _acquire(args, lk)
+    try:
+        waited = time.monotonic() - t0
+        # Pass the held descriptors down so a nested 'certctl install' can adopt the lock.
+        gate_fd = hold.gate_fd if hold.exclusive else lk._reader_gate()
+        env = dict(os.environ)
+        fds: tuple[int, ...] = ()
+        if gate_fd is not None:
+            env[locks.HELD_ENV] = locks.held_env(mode, gate_fd, hold.fd, lk.path)
+            fds = tuple(d for d in (gate_fd, hold.fd) if d is not None)
+        try:
+            proc = subprocess.Popen(cmd, env=env, pass_fds=fds)
+        except FileNotFoundError:
+            raise CliError(f"command not found: {cmd[0]}", 127) from None
+        except PermissionError:
+            raise CliError(f"command cannot be executed: {cmd[0]}", 126) from None
+        except OSError as e:
+            raise CliError(f"cannot run {cmd[0]}: {e.strerror}", 126) from None
+        previous = {}
+
+        def forward(signum: int, _frame: object) -> None:
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+        for sig in FORWARDED:
+            previous[sig] = signal.signal(sig, forward)
+        try:
+            while True:
+                try:
+                    rc = proc.wait()
+                    break
+                except KeyboardInterrupt:  # pragma: no cover - handler replaced above
+                    continue
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+        held = time.monotonic() - t0 - waited
+    finally:
+        hold.release()
+        lk.close()
+    code = 128 - rc if rc < 0 else rc
+    sys.stderr.flush()
+    if args.json:
+        emit(args, {"ok": code == 0, "blob": lk.path, "lock": mode, "command": cmd,
+                    "exit_code": code, "signal": -rc if rc < 0 else None,
+                    "waited_s": round(waited, 6), "held_s": round(held, 6),
+                    "blob_existed": hold.stat is not None or not hold.exclusive}, "")
+    return code
