@@ -37,7 +37,7 @@ class Roots:
 
     product: Product
     ark: x509.Certificate
-    ask: x509.Certificate
+    ask: x509.Certificate | None
     asvk: x509.Certificate | None = None
 
     def intermediate(self, vlek: bool) -> x509.Certificate | None:
