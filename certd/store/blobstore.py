@@ -98,10 +98,11 @@ _EXPLAIN = {
 }
 
 
-def _io_error(e: OSError, doing: str, path: str) -> StoreIOError:
+def _io_error(e: OSError, doing: str, path: str, file: str | None = None) -> StoreIOError:
     why = _EXPLAIN.get(e.errno or 0, e.strerror or str(e))
-    return StoreIOError(f"{doing} failed: {why}: {e.filename or path}; "
-                        f"the current blob {path} is untouched", e.errno, e.filename or path)
+    name = e.filename or file or path
+    return StoreIOError(f"{doing} failed: {why}: {name}; the current blob {path} is untouched",
+                        e.errno, name)
 
 
 @dataclass
@@ -317,13 +318,13 @@ class BlobStore:
                 self._fault("temp_locked")
                 step = "keeping the previous blob"
                 if hold.fd is not None:
-                    self._save_prev(hold.fd, old_bytes, old_st)
+                    self._save_prev(old_bytes, old_st)
                 self._fault("prev_saved")
                 step = "renaming the temp file over the blob"
                 os.rename(tmp, self.path)
                 renamed = True
             except OSError as e:
-                raise _io_error(e, step, self.path) from None
+                raise _io_error(e, step, self.path, tmp) from None
             finally:
                 if not renamed:
                     try:
@@ -377,18 +378,26 @@ class BlobStore:
             else:
                 os.fchmod(fd, stat_mod.S_IMODE(old.st_mode))  # chown clears setuid bits
 
-    def _save_prev(self, old_fd: int, old_bytes: bytes | None, old_st: os.stat_result | None) -> None:
-        """Make ``<path>.prev`` the inode we hold locked, atomically: link (or copy) it to a
-        temp name, then rename that over ``.prev``. A crash leaves ``.prev`` old or new."""
+    def _save_prev(self, old_bytes: bytes | None, old_st: os.stat_result | None) -> None:
+        """Make ``<path>.prev`` the inode we hold locked, atomically: hard-link it (or copy
+        it) to a temp name, then rename that over ``.prev``. A crash leaves ``.prev`` old or
+        new, never partial."""
         tmp = self._temp_name("prevtmp")
         try:
+            linked = False
             try:
-                # Link the exact inode we locked and verified, not whatever the path names.
-                os.link(f"/proc/self/fd/{old_fd}", tmp, follow_symlinks=True)
+                # Link by path (linkat through /proc/self/fd gives EXDEV on some mounts),
+                # then check the link is the inode we locked and verified.
+                os.link(self.path, tmp, follow_symlinks=False)
+                st = os.lstat(tmp)
+                linked = old_st is not None and (st.st_dev, st.st_ino) == (old_st.st_dev, old_st.st_ino)
+                if not linked:
+                    os.unlink(tmp)
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOENT, errno.EMLINK,
                                    errno.EOPNOTSUPP):
                     raise
+            if not linked:
                 self._copy_file(tmp, old_bytes or b"", old_st)
             os.rename(tmp, self.prev_path)
         except BaseException:

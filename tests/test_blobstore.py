@@ -1,0 +1,298 @@
+"""certd.store.blobstore: atomic install, .prev, rollback, recover, and every refusal
+leaving the current blob untouched."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import subprocess
+import uuid
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from certd.abi import table
+from certd.abi.table import Entry, Role
+from certd.store import locks
+from certd.store.blobstore import (STEPS, BlobStore, InvalidBlob, NothingToRollBack,
+                                   StoreIOError, format_problems)
+
+VECTORS = pathlib.Path(__file__).parent / "vectors"
+
+
+def fake_blob(tag: bytes, size: int = 200) -> bytes:
+    """A well-formed table with distinct fake content (passes the format-only check)."""
+    return table.encode([Entry.of(Role.ARK, tag * 8), Entry.of(Role.ASK, tag * 4),
+                         Entry.of(Role.VCEK, (tag * size)[:size])])
+
+
+def real_blob(product: str, vcek: str) -> bytes:
+    ask, ark = x509.load_pem_x509_certificates((VECTORS / f"{product}_cert_chain.pem").read_bytes())
+    return table.encode([Entry.of(Role.ARK, ark.public_bytes(Encoding.DER)),
+                         Entry.of(Role.ASK, ask.public_bytes(Encoding.DER)),
+                         Entry.of(Role.VCEK, (VECTORS / vcek).read_bytes())])
+
+
+A, B, C = fake_blob(b"A"), fake_blob(b"B"), fake_blob(b"C")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = BlobStore(tmp_path / "certs.blob")
+    s.install(A)
+    return s
+
+
+def snapshot(path: str) -> tuple[bytes, int]:
+    return pathlib.Path(path).read_bytes(), os.stat(path).st_ino
+
+
+def leftovers(store: BlobStore) -> list[str]:
+    return [n for n in os.listdir(store.dir) if ".tmp." in n or ".prevtmp." in n]
+
+
+def test_first_install_then_replace_keeps_prev(tmp_path):
+    s = BlobStore(tmp_path / "certs.blob")
+    assert s.read() is None  # unconfigured
+    r1 = s.install(A)
+    assert r1.previous_sha256 is None and r1.prev_path is None
+    assert s.read() == A
+    assert os.stat(s.path).st_mode & 0o777 == 0o644
+    assert not os.path.exists(s.prev_path)
+    r2 = s.install(B)
+    assert s.read() == B
+    assert pathlib.Path(s.prev_path).read_bytes() == A
+    assert r2.previous_sha256 == r1.sha256 and r2.prev_path == s.prev_path
+    assert r2.locked_ns <= r2.released_ns
+    assert sorted(os.listdir(tmp_path)) == [".certs.blob.gate", "certs.blob", "certs.blob.prev"]
+
+
+def test_prev_is_the_old_inode(store):
+    old_ino = os.stat(store.path).st_ino
+    store.install(B)
+    assert os.stat(store.prev_path).st_ino == old_ino  # hard link, no copy
+
+
+def test_rollback_swaps_and_a_second_rollback_undoes_it(store):
+    store.install(B)
+    store.rollback()
+    assert store.read() == A and pathlib.Path(store.prev_path).read_bytes() == B
+    store.rollback()
+    assert store.read() == B and pathlib.Path(store.prev_path).read_bytes() == A
+
+
+def test_rollback_without_prev(tmp_path):
+    s = BlobStore(tmp_path / "certs.blob")
+    s.install(A)
+    with pytest.raises(NothingToRollBack, match="certs.blob.prev does not exist"):
+        s.rollback()
+    assert s.read() == A
+
+
+def test_mode_and_owner_are_kept(store):
+    os.chmod(store.path, 0o640)
+    if os.geteuid() == 0:
+        os.chown(store.path, 65534, 65534)
+    store.install(B)
+    st = os.stat(store.path)
+    assert st.st_mode & 0o777 == 0o640
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (b"", "empty file"),
+    (b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", "not a valid certificate table"),
+    (A[:-1], "runs past the end"),
+    (A[:30], "truncated"),
+    (fake_blob(b"D", 20000), "at most 16384 bytes"),
+])
+def test_bad_blobs_are_refused_and_change_nothing(store, bad, words):
+    before = snapshot(store.path)
+    with pytest.raises(InvalidBlob) as e:
+        store.install(bad)
+    assert words in str(e.value)
+    assert e.value.problems
+    assert snapshot(store.path) == before
+    assert not os.path.exists(store.prev_path)
+    assert leftovers(store) == []
+
+
+def test_blob_for_another_product_is_refused_by_policy(tmp_path):
+    """Uses the real validator (certd.policy.check_blob) with a Milan platform."""
+    policy = pytest.importorskip("certd.policy")
+    from certd.abi.product import Product
+    from certd.abi.tcb import Tcb
+    from certd.amd import roots
+    from certd.platform import Platform
+
+    milan = real_blob("milan", "milan_vcek.der")
+    genoa = real_blob("genoa", "genoa_vcek.der")
+    leaf = policy.parse_blob(milan).leaf
+    platform = Platform(product=Product.MILAN, reported_tcb=leaf.ext.tcb(Product.MILAN),
+                        chip_id=leaf.hwid)
+
+    def validate(blob):
+        return format_problems(blob) or policy.check_blob(blob, trust=roots.pinned(),
+                                                          platform=platform)
+
+    s = BlobStore(tmp_path / "certs.blob", validate)
+    s.install(milan)  # the matching blob passes the full policy
+    before = snapshot(s.path)
+    with pytest.raises(InvalidBlob) as e:
+        s.install(genoa)
+    assert any(p.check == "product" and "Genoa" in p.message for p in e.value.problems)
+    assert snapshot(s.path) == before
+    other_tcb = platform.replace(reported_tcb=Tcb(bl=0, tee=0, snp=0, ucode=0))
+    s2 = BlobStore(s.path, lambda b: policy.check_blob(b, trust=roots.pinned(), platform=other_tcb))
+    with pytest.raises(InvalidBlob) as e:
+        s2.install(real_blob("milan", "milan_gcp_vcek.der"))
+    assert any(p.check in ("tcb", "chip_id") for p in e.value.problems)
+    assert snapshot(s.path) == before
+
+
+def test_missing_directory(tmp_path):
+    s = BlobStore(tmp_path / "nope" / "certs.blob")
+    with pytest.raises(StoreIOError) as e:
+        s.install(A)
+    assert e.value.errno == errno.ENOENT
+    assert "directory" in str(e.value) and "does not exist" in str(e.value)
+
+
+def test_busy_when_a_reader_holds_the_blob(store):
+    with locks.acquire_shared_sync(store.path, None):
+        with pytest.raises(locks.LockBusy) as e:
+            store.install(B, timeout=0.05)
+        assert e.value.what == "blob"
+    assert store.read() == A
+    assert leftovers(store) == []
+
+
+@pytest.mark.parametrize("step", ["temp_written", "temp_synced", "temp_locked", "prev_saved"])
+def test_io_error_at_any_step_before_rename_changes_nothing(store, step):
+    def fault(at):
+        if at == step:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    store.install(C)
+    before, prev_before = snapshot(store.path), snapshot(store.prev_path)
+    s = BlobStore(store.path, fault=fault)
+    with pytest.raises(StoreIOError) as e:
+        s.install(B)
+    assert e.value.errno == errno.ENOSPC
+    assert "disk full (ENOSPC)" in str(e.value) and "untouched" in str(e.value)
+    assert snapshot(store.path) == before
+    if step != "prev_saved":
+        assert snapshot(store.prev_path) == prev_before
+    assert leftovers(store) == []
+    assert not locks.updater_waiting(store.path)  # the gate was released
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (root only); unmounted afterwards."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        locks._LOCKS.clear()
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_full_disk_for_real(tiny_tmpfs):
+    s = BlobStore(tiny_tmpfs / "certs.blob")
+    s.install(A)
+    before = snapshot(s.path)
+    # Fill the filesystem so the next blob cannot be written.
+    fd = os.open(tiny_tmpfs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 1024)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    with pytest.raises(StoreIOError) as e:
+        s.install(fake_blob(b"E", 12000))
+    print(f"\nfull disk: {e.value}")
+    assert e.value.errno == errno.ENOSPC and "disk full" in str(e.value)
+    assert snapshot(s.path) == before
+    assert leftovers(s) == []
+    os.unlink(tiny_tmpfs / "filler")
+    s.install(B)
+    assert s.read() == B
+
+
+def test_read_only_filesystem_for_real(tiny_tmpfs):
+    s = BlobStore(tiny_tmpfs / "certs.blob")
+    s.install(A)
+    before = snapshot(s.path)
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
+    with pytest.raises(StoreIOError) as e:
+        s.install(B)
+    print(f"\nread-only: {e.value}")
+    assert e.value.errno == errno.EROFS and "read-only file system" in str(e.value)
+    assert snapshot(s.path) == before
+    assert s.read() == A  # readers still work on a read-only filesystem
+    assert s.recover() == []
+
+
+def test_recover_removes_only_our_temp_files(store):
+    d = pathlib.Path(store.dir)
+    ours = [d / ".certs.blob.tmp.1234.0123456789abcdef",
+            d / ".certs.blob.prevtmp.99.fedcba9876543210"]
+    theirs = [d / ".certs.blob.tmp.junk", d / ".other.blob.tmp.1.0123456789abcdef",
+              d / "certs.blob.tmp.1.0123456789abcdef", d / ".certs.blob.tmp.1.0123456789abcdef.x"]
+    for p in ours + theirs:
+        p.write_bytes(b"x")
+    removed = store.recover()
+    assert sorted(removed) == sorted(map(str, ours))
+    assert all(p.exists() for p in theirs)
+    assert store.read() == A
+
+
+def test_install_cleans_up_leftovers_too(store):
+    p = pathlib.Path(store.dir) / ".certs.blob.tmp.1.0123456789abcdef"
+    p.write_bytes(b"half")
+    r = store.install(B)
+    assert r.removed_temps == [str(p)] and not p.exists()
+
+
+def test_recover_waits_for_a_live_updater(store):
+    with locks.BlobLock(store.path).acquire_exclusive_sync(None):
+        with pytest.raises(locks.LockBusy):
+            store.recover(timeout=0.05)
+
+
+def test_fault_steps_are_all_visited(store):
+    seen = []
+    BlobStore(store.path, fault=seen.append).install(B)
+    assert tuple(seen) == STEPS
+
+
+def test_nested_install_adopts_an_exclusive_hold(store, monkeypatch):
+    """What a hook under 'certctl lock --exclusive' does: install twice with the lock held."""
+    ex = locks.BlobLock(store.path).acquire_exclusive_sync(None)
+    try:
+        monkeypatch.setenv(locks.HELD_ENV, locks.held_env("exclusive", ex.gate_fd, ex.fd,
+                                                          store.path))
+        store.install(B, timeout=0.2)
+        store.install(C, timeout=0.2)  # the inherited blob fd is stale now: locks the new one
+        assert pathlib.Path(store.path).read_bytes() == C
+        assert locks.updater_waiting(store.path)  # the parent still holds the gate
+    finally:
+        ex.release()
+    monkeypatch.delenv(locks.HELD_ENV)
+    assert store.read() == C
+
+
+def test_unknown_guid_blob_is_a_valid_table():
+    blob = table.encode([Entry(uuid.uuid4(), b"x")])
+    assert format_problems(blob) == []
+    assert format_problems(table.EMPTY_TABLE) == []
