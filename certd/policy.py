@@ -72,7 +72,7 @@ def parse_blob(blob: bytes) -> BlobContents:
         return out
     for i, entry in enumerate(out.table.entries):
         role = entry.role
-        source = f"blob entry {i} ({entry.label})"
+        source = f"blob entry {i}"
         if role is None:
             out.problems.append(Problem("role", f"entry {i} has unknown GUID {entry.guid} "
                                                 f"({len(entry.data)} bytes)"))
