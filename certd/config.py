@@ -171,6 +171,9 @@ def _socket_path(v: Any) -> Path:
 def _mode(v: Any) -> int:
     # A string, because TOML has no leading-zero integers: `socket_mode = 0660` is a syntax
     # error and `socket_mode = 660` would silently mean 0o1224.
+    if isinstance(v, int) and not isinstance(v, bool):
+        raise _Bad(f"must be an octal mode string like \"0660\" (quoted; an integer such as "
+                   f"0o660 cannot be told from a decimal mistake), got integer {v}")
     s = _str(v)
     if not re.fullmatch(r"0?[0-7]{3}", s):
         raise _Bad(f"must be an octal mode string like \"0660\", got {s!r}")
@@ -492,12 +495,14 @@ class _Lines:
                     table = path + (i,)
                 else:
                     table = path
-                self.at.setdefault(table, no)
+                for n in range(1, len(table) + 1):   # [a.b] also defines table a
+                    self.at.setdefault(table[:n], no)
                 continue
             k = _KEYLINE.match(line)
             if k:
-                path = table + _split_key(k.group(1))
-                self.at.setdefault(path, no)
+                key = _split_key(k.group(1))
+                for n in range(1, len(key) + 1):     # a.b.c = 1 also defines table a.b
+                    self.at.setdefault(table + key[:n], no)
                 rest = line[k.end():]
                 for delim in ('"""', "'''"):
                     if rest.count(delim) % 2 == 1:
