@@ -1,0 +1,81 @@
+"""certd: the daemon. ``certd --dev`` runs it on a generated development setup."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from certd import __version__, config as configmod, logs
+from certd.abi.product import Product
+from certd.cli import exitcodes
+
+DESCRIPTION = """\
+certd serves SEV-SNP certificate tables (ARK, ASK/ASVK, VCEK/VLEK, CRL) to VMMs that
+forward KVM_EXIT_SNP_REQ_CERTS over a Unix socket, holding the blob's shared OFD lock per
+request until the VMM confirms the report was signed (docs/protocol.md). It keeps the blob
+at a path a stock QEMU can read too (certs-filename=).
+
+Run it under systemd (systemd/certd.service, socket activation, sd_notify, watchdog), or:
+  certd --dev                      generated PKI, simulated platform, temporary paths
+  certd --config /etc/certd/certd.toml
+  certd --check-config /etc/certd/certd.toml
+
+Signals: SIGHUP reloads the configuration (a bad file is refused, the old one stays);
+SIGTERM stops taking requests, drains leases within the lease timeout, and exits.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="certd", description=DESCRIPTION,
+                                epilog=exitcodes.epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    p.add_argument("--check-config", nargs="?", const="", metavar="FILE",
+                   help="check a configuration file, print OK or every problem with its "
+                        "line, and exit (0 or 78)")
+    p.add_argument("--dev", action="store_true",
+                   help="development mode: generated AMD-like PKI, simulated platform, "
+                        "temporary paths (printed at start)")
+    p.add_argument("--dev-dir", metavar="DIR",
+                   help="with --dev: keep the development files here instead of a "
+                        "temporary directory removed at exit")
+    p.add_argument("--product", default="Milan", type=Product.parse,
+                   help="with --dev: product line to simulate (Milan, Genoa, Turin)")
+    p.add_argument("--version", action="version", version=f"certd {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from certd.service import daemon, devmode  # the daemon stack loads only when used
+
+    if args.check_config is not None:
+        return configmod.check_main(args.check_config or args.config or configmod.DEFAULT_PATH)
+    if args.dev:
+        directory = Path(args.dev_dir) if args.dev_dir else Path(
+            tempfile.mkdtemp(prefix="certd-dev-"))
+        try:
+            setup = devmode.prepare(directory, args.product)
+            logs.configure(setup.config.log.level, setup.config.log.format)
+            ctx = daemon.Context(trust=setup.trust,
+                                 on_ready=lambda: devmode.print_banner(setup))
+            return daemon.run(setup.config, str(setup.config_path), ctx)
+        finally:
+            if not args.dev_dir:
+                shutil.rmtree(directory, ignore_errors=True)
+    path = args.config or str(configmod.DEFAULT_PATH)
+    try:
+        cfg = configmod.load(path)
+    except configmod.ConfigError as e:
+        print(f"certd: invalid configuration:\n{e}", file=sys.stderr)
+        return exitcodes.CONFIG
+    logs.configure(cfg.log.level, cfg.log.format)
+    return daemon.run(cfg, path, daemon.Context())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

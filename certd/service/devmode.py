@@ -1,0 +1,101 @@
+"""``certd --dev``: the embedded development default.
+
+A generated AMD-like PKI (same structure and algorithms as AMD's, 2048-bit RSA for speed),
+a simulated platform with a fake PSP, and temporary paths: everything a VMM developer
+needs to talk to a real certd on a laptop, printed at start.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from certd import config as configmod, devpki, platform as platformmod, policy
+from certd.abi.product import Product
+from certd.amd.roots import TrustStore
+from certd.store.blobstore import BlobStore
+
+
+@dataclass
+class DevSetup:
+    directory: Path
+    config_path: Path
+    config: configmod.Config
+    trust: TrustStore
+    psp: devpki.FakePsp
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "certd.sock"
+
+    @property
+    def blob(self) -> Path:
+        return self.directory / "certs.blob"
+
+    def banner(self) -> str:
+        d, q = self.directory, lambda p: shlex.quote(str(p))
+        p = self.psp.platform
+        return f"""\
+{'certd development mode ':-<77}
+  generated AMD-like PKI ({p.product.value}), simulated platform, TCB {p.reported_tcb}
+  socket   {self.socket}
+  blob     {self.blob}   (a stock QEMU may read it: certs-filename=)
+  config   {self.config_path}
+  roots    {d / 'dev-roots.pem'}   (development trust anchors, NOT AMD's)
+  report   {d / 'report.bin'}   (signed by the simulated PSP)
+
+Try, from another shell:
+  certctl fetch --socket {q(self.socket)} --vm dev-vm --npages 4 -o /tmp/certs-table.bin
+  certctl status --socket {q(self.socket)}
+  certctl show {q(self.blob)}
+  certctl verify {q(self.blob)} --roots {q(d / 'dev-roots.pem')} --report {q(d / 'report.bin')}
+
+Ctrl-C stops certd.
+{'':-<77}"""
+
+
+def prepare(directory: Path, product: Product = Product.MILAN) -> DevSetup:
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = devpki.DevPki.generate(product, name="certd-dev")
+    psp = devpki.FakePsp(pki, devpki.make_platform(product))
+    platform = psp.platform
+    platform_path = directory / "platform.toml"
+    platformmod.save(platform, platform_path)
+    (directory / "dev-roots.pem").write_bytes(pki.cert_chain_pem() + pki.asvk.public_bytes(
+        devpki.PEM))
+    (directory / "report.bin").write_bytes(psp.report(b"certd --dev"))
+
+    blob = policy.build_blob(pki.ark, pki.ask, psp.leaf, trust=pki.trust, platform=platform)
+    store = BlobStore(directory / "certs.blob",
+                      lambda b: policy.check_blob(b, trust=pki.trust, platform=platform))
+    store.install(blob)
+
+    config_path = directory / "certd.toml"
+    config_path.write_text(f"""\
+# Written by certd --dev. Every key: docs/configuration.md.
+[server]
+socket = "{directory / 'certd.sock'}"
+socket_mode = "0600"
+
+[access]
+allow_uids = [{os.getuid()}]
+
+[store]
+blob = "{directory / 'certs.blob'}"
+
+[platform]
+source = "file"
+file = "{platform_path}"
+
+[log]
+level = "debug"
+""")
+    return DevSetup(directory, config_path, configmod.load(config_path), pki.trust, psp)
+
+
+def print_banner(setup: DevSetup) -> None:
+    print(setup.banner(), flush=True)
+    sys.stdout.flush()
