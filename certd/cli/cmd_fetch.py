@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--hold must be >= 0, not {args.hold}", exitcodes.USAGE)
     if not 0 <= args.wait_ms < 2**32:
         raise CliError(f"--wait-ms must be 0..{2**32 - 1}, not {args.wait_ms}", exitcodes.USAGE)
+    try:  # refuse a bad --vm before touching the socket
+        wire.encode_get(1, args.vm, args.npages, args.wait_ms)
+    except wire.WireError as e:
+        raise CliError(f"--vm/--npages: {e.message}", exitcodes.USAGE) from None
     try:
         with Client(args.socket, args.timeout) as client:
             result = client.get(args.vm, args.npages, wait_ms=args.wait_ms)
