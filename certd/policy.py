@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from certd.abi import report as reportmod
 from certd.abi import table
-from certd.abi.product import Product
 from certd.abi.table import Role
 from certd.amd.roots import TrustStore
 from certd.platform import Platform
@@ -176,21 +175,21 @@ def _check_contents(c: BlobContents, *, trust: TrustStore, platform: Platform | 
             problems.append(Problem("tcb", f"{c.leaf.describe()} lacks the TCB extensions"))
         if platform is not None:
             problems += _platform_problems(c.leaf, platform, mask_chip_id)
+    # Only CRLs a pinned ARK signed are believed. The blob's own CRL is served to guests,
+    # so its dates matter too; a CRL we were handed only adds revocations, so it is blamed
+    # only if forged (its staleness is not the blob's problem).
     usable: list[Crl] = []
     if c.crl is not None:
-        crl_probs = chainmod.crl_problems(c.crl, trust=trust, at=at)
-        problems += crl_probs
-        if not any("not signed" in p.message or "not an ARK" in p.message for p in crl_probs):
+        forged = chainmod.crl_authenticity_problems(c.crl, trust=trust)
+        problems += forged + chainmod.crl_date_problems(c.crl, at)
+        if not forged:
             usable.append(c.crl)
     for extra in crls:
-        # A CRL we were handed only adds revocations: use it if a pinned ARK signed it;
-        # report it only if it is forged (its staleness is not the blob's problem).
-        bad = [p for p in chainmod.crl_problems(extra, trust=trust, at=at)
-               if "is stale" not in p.message and "not valid yet" not in p.message]
         if extra.product is not None and c.ark is not None and extra.product is not c.ark.product:
             continue  # another product line's CRL says nothing about this blob
-        problems += bad
-        if not bad:
+        forged = chainmod.crl_authenticity_problems(extra, trust=trust)
+        problems += forged
+        if not forged:
             usable.append(extra)
     problems += chainmod.revocation_problems((c.ark, c.intermediate, c.leaf), usable, at=at)
     return problems

@@ -146,9 +146,8 @@ def verify_chain(ark: Cert, intermediate: Cert, leaf: Cert | None, *, trust: Tru
     return problems
 
 
-def crl_problems(crl: Crl, *, trust: TrustStore, at: datetime | None = None) -> list[Problem]:
-    """A CRL must be issued and signed by a pinned ARK and be current at ``at``."""
-    at = utc(at)
+def crl_authenticity_problems(crl: Crl, *, trust: TrustStore) -> list[Problem]:
+    """Empty if a pinned ARK issued and signed ``crl`` (only then believe its entries)."""
     what = f"CRL from {crl.issuer_cn!r} ({crl.source})"
     if crl.product is None or trust.get(crl.product) is None:
         return [Problem("revocation", f"{what}: issuer is not an ARK of the {trust.name} "
@@ -160,13 +159,20 @@ def crl_problems(crl: Crl, *, trust: TrustStore, at: datetime | None = None) -> 
                                               f"{crl.product.value} ARK"))
     try:
         hash_algo = crl.crl.signature_hash_algorithm
-    except Exception:
+    except Exception:  # unsupported/garbled algorithm parameters
         hash_algo = None
     err = pss_signature_error(ark.public_key(), crl.crl.signature, crl.crl.tbs_certlist_bytes,
                               crl.crl.signature_algorithm_oid, hash_algo, what,
                               f"the pinned ARK-{crl.product.value}")
     if err:
         problems.append(Problem("revocation", err))
+    return problems
+
+
+def crl_date_problems(crl: Crl, at: datetime | None = None) -> list[Problem]:
+    at = utc(at)
+    what = f"CRL from {crl.issuer_cn!r} ({crl.source})"
+    problems = []
     this, nxt = crl.crl.last_update_utc, crl.crl.next_update_utc
     if at < this:
         problems.append(Problem("revocation", f"{what} is not valid yet: thisUpdate "
@@ -175,6 +181,14 @@ def crl_problems(crl: Crl, *, trust: TrustStore, at: datetime | None = None) -> 
         problems.append(Problem("revocation", f"{what} is stale: nextUpdate {_fmt(nxt)} has "
                                               f"passed (checked at {_fmt(at)})"))
     return problems
+
+
+def crl_problems(crl: Crl, *, trust: TrustStore, at: datetime | None = None) -> list[Problem]:
+    """A CRL must be issued and signed by a pinned ARK and be current at ``at``."""
+    problems = crl_authenticity_problems(crl, trust=trust)
+    if problems and crl.product is None:
+        return problems
+    return problems + crl_date_problems(crl, at)
 
 
 def revocation_problems(certs: Iterable[Cert | None], crls: Sequence[Crl], *,
