@@ -19,6 +19,8 @@ from certd.verify.pki import Cert, Crl, Kind, PkiError
 
 TIME_HELP = ("validation time, ISO 8601 (2025-03-01, 2025-03-01T12:00:00Z); "
              "default: now. Times without a zone are UTC")
+PLATFORM_HELP = ("platform file (TOML: product, chip_id hex, mask_chip_id, signing_key "
+                 "vcek|vlek, [reported_tcb] bl/tee/snp/ucode[/fmc]; the stand-in for /dev/sev)")
 
 
 def iso_time(text: str) -> datetime:

@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--crl", metavar="FILE", help="ARK-signed CRL to include (optional)")
     p.add_argument("-o", "--output", metavar="OUT", required=True, help="blob file to write")
     p.add_argument("--at", type=certinfo.iso_time, metavar="TIME", help=certinfo.TIME_HELP)
-    p.add_argument("--platform", metavar="FILE",
-                   help="also check against this platform file (product, reported TCB, chip id)")
+    p.add_argument("--platform", metavar="FILE", help="also check against this "
+                                                      + certinfo.PLATFORM_HELP)
     certinfo.add_roots_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)

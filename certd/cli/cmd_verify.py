@@ -42,8 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("blob", metavar="BLOB", help="certificate blob (GHCB table) file")
     p.add_argument("--report", metavar="FILE", help="attestation report (raw or hex)")
-    p.add_argument("--platform", metavar="FILE", help="platform file (see docs: product, "
-                                                      "reported TCB, chip id)")
+    p.add_argument("--platform", metavar="FILE", help=certinfo.PLATFORM_HELP)
     p.add_argument("--tcb", type=certinfo.tcb_arg, metavar="bl=N,tee=N,snp=N,ucode=N[,fmc=N]",
                    help="the platform's reported TCB")
     p.add_argument("--chip-id", type=certinfo.hex_arg, metavar="HEX",
