@@ -461,8 +461,11 @@ def _split_key(k: str) -> tuple[str, ...]:
     for p in parts:
         if p[0] in "\"'":
             p = p[1:-1]
-            if p.find("\\") >= 0:   # rare; good enough for locating a line
-                p = p.encode().decode("unicode_escape", "replace")
+            if "\\" in p:            # rare; good enough for locating a line
+                try:
+                    p = p.encode("utf-8").decode("unicode_escape")
+                except (UnicodeError, ValueError):
+                    pass
         out.append(p)
     return tuple(out)
 

@@ -468,3 +468,9 @@ def test_fuzz_structured_toml_raises_only_config_error(text):
 
 def test_deeply_nested_array_is_a_config_error():
     check_only_config_errors("a = " + "[" * 100_000)
+
+
+@pytest.mark.parametrize("text", ["a = '\ud800'\n", '"k\\u00e9\ud800" = 1\n',
+                                  'x = 1\n"\\\\" = \ud800', "\x00", "[[profile]]\n" * 3])
+def test_odd_text_is_a_config_error(text):
+    check_only_config_errors(text)
