@@ -255,8 +255,21 @@ class BlobStore:
         failure case the current blob is left as it was.
         """
         blob = bytes(blob)
+        return self.update(lambda current: blob, timeout=timeout, validate=validate)
+
+    def update(self, change: Callable[[bytes | None], bytes], *,
+               timeout: float | None = DEFAULT_TIMEOUT,
+               validate: Validator | None = None) -> InstallResult:
+        """A rotation: run ``change(current_blob_or_None)`` under the exclusive lock (this is
+        where a firmware update, SNP_COMMIT, SNP_SET_CONFIG or SNP_VLEK_LOAD belongs), then
+        validate and install the blob it returns before any reader gets in again.
+
+        ``validate`` is evaluated after ``change``, so it may read state that ``change``
+        updated (the new reported TCB). If ``change`` raises, nothing is installed.
+        """
         hold = self._acquire(timeout)
         try:
+            blob = bytes(change(hold.read() if hold.fd is not None else None))
             return self._replace(blob, hold, validate or self.validate, "new blob")
         finally:
             hold.release()

@@ -1,0 +1,144 @@
+"""The server in-process, on the test's event loop: exact ENOSPC arithmetic, and the
+never-wrong property under concurrent requests and firmware rotations (DESIGN §8)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from certd import devpki, policy
+from certd.abi import table, wire
+from certd.abi.tcb import Tcb
+from certd.client import AsyncClient
+from certd.service.profiles import Profile, ProfileSet, format_only
+from certd.service.server import CertServer, Limits
+from certd.service import access
+from certd.store.blobstore import BlobStore
+
+
+async def serve(tmp_path: Path, profile: Profile, **limits) -> tuple[CertServer, asyncio.AbstractServer, str]:
+    srv = CertServer(ProfileSet(profile), Limits(**limits),
+                     access.AllowList(frozenset({os.getuid()})), access.RateLimiter(0, 0))
+    path = str(tmp_path / "certd.sock")
+    server = await asyncio.get_running_loop().create_unix_server(srv.protocol, path)
+    return srv, server, path
+
+
+def sized_table(size: int) -> bytes:
+    """A well-formed table of exactly ``size`` bytes (one entry: 48 bytes of header)."""
+    return table.encode([table.Entry.of(table.Role.ARK, b"x" * (size - 48))])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+async def test_enospc_page_counts_are_exact(tmp_path, k):
+    results = {}
+    for size in (4096 * k - 1, 4096 * k, 4096 * k + 1):
+        blob = tmp_path / f"b{size}"
+        blob.write_bytes(sized_table(size))
+        srv, server, path = await serve(tmp_path, Profile("t", str(blob), validate=format_only))
+        try:
+            async with AsyncClient(path) as c:
+                need = table.npages(size)
+                small = await c.get("vm", need - 1)
+                assert (small.ret, small.npages, small.lease_id, small.table) == \
+                       (wire.ENOSPC, need, 0, b"")
+                zero = await c.get("vm", 0)
+                assert (zero.ret, zero.npages) == (wire.ENOSPC, need)
+                fits = await c.get("vm", need)
+                assert fits.ret == 0 and len(fits.table) == size
+                await c.release(fits.lease_id)
+                results[size] = small.npages
+        finally:
+            server.close()
+            await server.wait_closed()
+            srv.profiles.close()
+    assert results == {4096 * k - 1: k, 4096 * k: k, 4096 * k + 1: k + 1}
+
+
+async def test_never_wrong_under_rotations(tmp_path):
+    """Simulated guests ask for certificates while a firmware-update hook rotates the
+    VCEK. Each guest's report is signed by the fake PSP while its lease is held (as KVM
+    signs between the GET and the RELEASE), then checked against the certificates it got.
+    Mismatches must be 0; EAGAIN is allowed; EIO never."""
+    pki = devpki.DevPki.generate(name="rotation")
+    psp = devpki.FakePsp(pki, devpki.make_platform())
+    blob_path = tmp_path / "certs.blob"
+    store = BlobStore(blob_path, lambda b: policy.check_blob(b, trust=pki.trust,
+                                                             platform=psp.platform))
+    store.install(psp.blob())
+    profile = Profile("default", str(blob_path),
+                      validate=lambda b: policy.check_blob(b, trust=pki.trust,
+                                                           platform=psp.platform))
+    srv, server, path = await serve(tmp_path, profile, request_deadline=0.5)
+    stats = {"ok": 0, "eagain": 0, "mismatch": 0, "rotations": 0, "generations": set()}
+    stop = asyncio.Event()
+
+    async def guest(n: int) -> None:
+        async with AsyncClient(path) as c:
+            while not stop.is_set():
+                r = await c.get(f"vm-{n}", 4)
+                assert r.ret in (0, wire.EAGAIN), r
+                if r.ret == wire.EAGAIN:
+                    stats["eagain"] += 1
+                    await asyncio.sleep(0)
+                    continue
+                signed = psp.report(f"guest {n}".encode())  # firmware signs now
+                await c.release(r.lease_id)
+                problems = policy.check_report(r.table, signed, trust=pki.trust)
+                if problems:
+                    stats["mismatch"] += 1
+                stats["ok"] += 1
+                stats["generations"].add(r.generation)
+
+    def rotate(snp: int) -> None:
+        def firmware_update(current: bytes | None) -> bytes:
+            t = psp.platform.reported_tcb
+            psp.update_firmware(Tcb(bl=t.bl, tee=t.tee, snp=snp, ucode=t.ucode))
+            return psp.blob()  # the VCEK for the new TCB (a KDS fetch in production)
+        store.update(firmware_update, timeout=10)
+
+    guests = [asyncio.create_task(guest(n)) for n in range(8)]
+    try:
+        for snp in range(9, 15):
+            await asyncio.to_thread(rotate, snp)
+            stats["rotations"] += 1
+            await asyncio.sleep(0.05)  # let guests attest on the new generation
+    finally:
+        stop.set()
+        await asyncio.gather(*guests)
+        server.close()
+        await server.wait_closed()
+        srv.profiles.close()
+    print(f"\nrotation simulation: {stats['ok']} attestations, {stats['eagain']} EAGAIN, "
+          f"{stats['rotations']} rotations, generations {sorted(stats['generations'])}, "
+          f"mismatches {stats['mismatch']}")
+    assert stats["mismatch"] == 0
+    assert stats["rotations"] == 6 and len(stats["generations"]) >= 2
+    assert stats["ok"] > 50
+
+
+async def test_rotation_without_the_lock_is_caught(tmp_path):
+    """The simulator can fail: changing the key while a lease is held (an updater that
+    ignores the lock) produces a mismatch the guest detects."""
+    pki = devpki.DevPki.generate(name="rotation")
+    psp = devpki.FakePsp(pki, devpki.make_platform())
+    blob_path = tmp_path / "certs.blob"
+    blob_path.write_bytes(psp.blob())
+    profile = Profile("default", str(blob_path), validate=format_only)
+    srv, server, path = await serve(tmp_path, profile)
+    try:
+        async with AsyncClient(path) as c:
+            r = await c.get("vm", 4)
+            t = psp.platform.reported_tcb
+            psp.update_firmware(Tcb(bl=t.bl, tee=t.tee, snp=t.snp + 1, ucode=t.ucode))
+            signed = psp.report(b"late")
+            await c.release(r.lease_id)
+        assert any(p.check in ("signature", "tcb") for p in
+                   policy.check_report(r.table, signed, trust=pki.trust))
+    finally:
+        server.close()
+        await server.wait_closed()
+        srv.profiles.close()
