@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from certd.abi import wire
+
 DEFAULT_PATH = Path("/etc/certd/certd.toml")
 
 #: ``sun_path`` is 108 bytes including the terminating NUL.
@@ -283,7 +285,7 @@ class ServerConfig:
     idle_timeout_s: float = field(default=300.0, metadata=_key(
         _number(0, 86_400), "close a connection with no request and no lease for this long"))
     max_frame: int = field(default=65536, metadata=_key(
-        _int(4096, 16 << 20), "largest frame accepted from a client, bytes"))
+        _int(4096, wire.MAX_FRAME), "largest frame accepted from a client, bytes"))
     max_leases_per_connection: int = field(default=16, metadata=_key(
         _int(1, 65_536), "leases one connection may hold at once"))
     max_connections: int = field(default=1024, metadata=_key(

@@ -165,6 +165,7 @@ def test_config_is_frozen():
     # bad values
     ("[server]\nrequest_deadline_ms = 0\n", 2, "server.request_deadline_ms", "between 1"),
     ("[server]\nmax_frame = 100\n", 2, "server.max_frame", "between 4096"),
+    ("[server]\nmax_frame = 65537\n", 2, "server.max_frame", "between 4096 and 65536"),
     ("[server]\nrate_burst = -1\n", 2, "server.rate_burst", "between 1"),
     ("[server]\nidle_timeout_s = 0\n", 2, "server.idle_timeout_s", "greater than 0"),
     ("[server]\nsocket = '/" + "x" * 120 + "'\n", 2, "server.socket", "at most 107"),

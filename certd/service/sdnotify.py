@@ -175,11 +175,18 @@ async def watchdog_loop(notifier: Notifier, interval: float,
     """
     if interval <= 0:
         raise ValueError(f"watchdog interval must be > 0 seconds, got {interval}")
+    skipping = False
     while True:
         if healthy is None or healthy():
             notifier.watchdog()
-        else:
-            log.warning("watchdog_ping_skipped", reason="health check failed")
+            if skipping:
+                skipping = False
+                log.info("watchdog_pings_resumed")
+        elif not skipping:
+            # Logged once, not at every interval: the journal would fill while systemd
+            # counts down to the kill.
+            skipping = True
+            log.warning("watchdog_pings_skipped", reason="health check failed")
         await asyncio.sleep(interval)
 
 
