@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from certd.cli import exitcodes
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(args, err)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `certctl ... | head` closed the pipe: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exitcodes.OK
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ Values follow sysexits(3) where one fits, so that shell scripts and systemd
 """
 
 OK = 0
-#: The input was well-formed but a check failed (verify found problems).
+#: The input was well-formed but a check failed (verify found problems, or build/install
+#: refused a chain that parses but does not validate).
 CHECK_FAILED = 1
 #: Command-line usage error (argparse's own code).
 USAGE = 2
 #: ``certctl fetch``: the buffer was too small; the answer carries the page count.
 NOSPACE = 3
-#: The input is malformed: not a certificate, not a blob, invalid chain, bad report.
+#: The input is malformed: not a certificate, not a blob, not a report.
 DATAERR = 65
 #: An input file does not exist or cannot be read.
 NOINPUT = 66
