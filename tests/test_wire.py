@@ -415,3 +415,28 @@ def test_fuzz_decoder_raises_only_wire_error(accept, seeds):
     for name in ("ok", "BAD_MAGIC", "TRUNCATED", "FRAME_TOO_LARGE", "UNKNOWN_TYPE",
                  "BAD_PAYLOAD", "UNSUPPORTED_VERSION"):
         assert kinds.get(name, 0) > 50, (name, kinds)
+
+
+def test_protocol_md_hex_dumps_match_the_encoder():
+    """Every hex dump in docs/protocol.md §9 is a frame the encoder produces byte for byte."""
+    import pathlib
+    import re
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    section = doc[doc.index("## 9."):doc.index("## 10.")]
+    frames, cur = [], bytearray()
+    for block in re.findall(r"```\n(.*?)```", section, re.S):
+        for line in block.splitlines() + [""]:
+            if re.match(r"^[0-9a-f]{4}  [0-9a-f]{2} ", line):
+                # Fixed columns: offset, 2 spaces, 16 bytes in 49 chars, then a comment.
+                cur += bytes.fromhex("".join(line[6:6 + 49].split()))
+            elif cur:
+                frames.append(bytes(cur))
+                cur = bytearray()
+    assert frames == [
+        wire.encode_get(1, "vm-42", 1, 0),
+        wire.encode_get_reply(1, 0, 1, 7, 0x2A, tablemod.EMPTY_TABLE),
+        wire.encode_release(2, 0x2A),
+        wire.encode_release_reply(2, 0x2A),
+        wire.encode_get_reply(3, wire.ENOSPC, 3, 7),
+        wire.encode_error(4, ErrorCode.RATE_LIMITED, "rate", arg=250),
+    ]
