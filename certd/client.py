@@ -317,10 +317,18 @@ class AsyncClient:
         self._abandoned: set[int] = set()
         self._ids = _Ids()
         self._broken: ClientError | None = None
+        self._connecting: asyncio.Lock | None = None
 
     async def connect(self) -> None:
         if self._writer is not None:
             return
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # concurrent first requests share one connection
+            if self._writer is None:
+                await self._open()
+
+    async def _open(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(self.path), self.timeout)
@@ -375,7 +383,9 @@ class AsyncClient:
     async def _roundtrip(self, rid: int, frame: bytes, expected: type,
                          timeout: float | None) -> Any:
         if self._broken is not None:
-            raise self._broken
+            # The connection is gone (its requests and leases failed with the reason):
+            # start a fresh one, as the blocking client does.
+            await self.close()
         await self.connect()
         assert self._writer is not None
         fut = asyncio.get_running_loop().create_future()

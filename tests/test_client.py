@@ -338,8 +338,8 @@ async def test_async_errors(sock_path):
             # The connection is closed by the server: everything in flight fails too.
             with pytest.raises(Refused):
                 await pending
-            with pytest.raises(Refused):
-                await c.status()
+            # The next request opens a new connection.
+            assert (await c.status())["fake"]
         async with AsyncClient(sock_path) as c:
             with pytest.raises(ProtocolError):
                 await c.get("garbage", 4)
@@ -364,6 +364,33 @@ async def test_async_close_releases_leases(sock_path):
         assert not srv.leases
         assert (await c.get("vm", 4)).ok  # a closed client reconnects on use
         await c.close()
+    finally:
+        await srv.stop()
+
+
+async def test_async_first_requests_share_one_connection(sock_path):
+    srv = await FakeServer(sock_path).start()
+    try:
+        c = AsyncClient(sock_path)
+        results = await asyncio.gather(*(c.get(f"vm{i}", 4) for i in range(5)))
+        assert all(r.ok for r in results) and len(srv._all_writers) == 1
+        await c.close()
+    finally:
+        await srv.stop()
+
+
+async def test_async_late_lease_is_released_without_further_requests(sock_path):
+    srv = await FakeServer(sock_path).start()
+    try:
+        async with AsyncClient(sock_path) as c:
+            with pytest.raises(RequestTimeout):
+                await c.get("slow", 4, timeout=0.1)
+            srv.slow_gate.set()
+            for _ in range(500):
+                if srv.released:
+                    break
+                await asyncio.sleep(0.01)
+            assert srv.released == [101] and not srv.leases
     finally:
         await srv.stop()
 
