@@ -38,6 +38,8 @@ class DevSetup:
     def banner(self) -> str:
         d, q = self.directory, lambda p: shlex.quote(str(p))
         p = self.psp.platform
+        beside = Path(sys.argv[0]).resolve().parent / "certctl"
+        certctl = q(beside) if beside.exists() else "certctl"
         return f"""\
 {'certd development mode ':-<77}
   generated AMD-like PKI ({p.product.value}), simulated platform, TCB {p.reported_tcb}
@@ -48,10 +50,10 @@ class DevSetup:
   report   {d / 'report.bin'}   (signed by the simulated PSP)
 
 Try, from another shell:
-  certctl fetch --socket {q(self.socket)} --vm dev-vm --npages 4 -o /tmp/certs-table.bin
-  certctl status --socket {q(self.socket)}
-  certctl show {q(self.blob)}
-  certctl verify {q(self.blob)} --roots {q(d / 'dev-roots.pem')} --report {q(d / 'report.bin')}
+  {certctl} fetch --socket {q(self.socket)} --vm dev-vm --npages 4 -o /tmp/certs-table.bin
+  {certctl} status --socket {q(self.socket)}
+  {certctl} show {q(self.blob)}
+  {certctl} verify {q(self.blob)} --roots {q(d / 'dev-roots.pem')} --report {q(d / 'report.bin')}
 
 Ctrl-C stops certd.
 {'':-<77}"""
