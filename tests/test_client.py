@@ -461,3 +461,11 @@ def test_status_cli(server, capsys):
     assert certctl("status", "--socket", server.path) == 0
     assert "generation  7" in capsys.readouterr().out
     assert certctl("status", "--socket", server.path + "x") == exitcodes.UNAVAILABLE
+
+
+def test_certctl_dispatcher_has_fetch_and_status(capsys):
+    from certd.cli import certctl as certctl_main
+    assert {"fetch", "status"} <= set(certctl_main.COMMANDS)
+    with pytest.raises(SystemExit) as ei:
+        certctl_main.main(["fetch", "--help"])
+    assert ei.value.code == 0 and "--hold" in capsys.readouterr().out
