@@ -30,3 +30,20 @@ def dev_pki():
         return made[(product, name)]
 
     return get
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Show the figures tests measure (waits, stalls, counts, exposure) in every run's
+    output, CI included, without -s: the lines passing tests printed, minus log lines."""
+    lines = []
+    for rep in terminalreporter.stats.get("passed", []):
+        if rep.when != "call":
+            continue
+        for line in rep.capstdout.splitlines():
+            text = line.strip()
+            if text and not text.startswith(("{", "20")):  # skip JSON and console log lines
+                lines.append(f"{rep.nodeid.split('::')[-1]}: {text}")
+    if lines:
+        terminalreporter.write_sep("=", "measured figures")
+        for line in lines:
+            terminalreporter.write_line(line)

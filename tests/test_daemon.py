@@ -58,7 +58,7 @@ def assert_waits(proc: subprocess.Popen, seconds: float = 0.5) -> None:
 def test_serves_the_real_blob_with_a_lease(daemon):
     with clientmod.Client(daemon.socket) as c:
         r = c.get("vm-1", 4)
-        assert (r.ret, r.npages, r.generation) == (0, 4, 1)
+        assert (r.ret, r.npages, r.generation) == (0, table.npages(len(r.table)), 1)
         assert r.lease_id > 0
         assert r.table == daemon.blob.read_bytes()
         assert table.decode(r.table).get(table.Role.VCEK) is not None
@@ -234,3 +234,21 @@ def test_sigterm_drains_live_leases(daemon):
         assert daemon.proc.wait(timeout=10) == 0
     finally:
         c.close()
+
+
+def test_reference_c_client_against_the_daemon(daemon, tmp_path):
+    exe = tmp_path / "certd-client"
+    src = Path(__file__).parent.parent / "contrib" / "certd-client.c"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(src)],
+                   check=True, capture_output=True, timeout=120)
+    out = tmp_path / "table.bin"
+    got = subprocess.run([str(exe), "-s", daemon.socket, "get", "vm-c", "-n", "4", "-o", str(out),
+                          "-H", "50"], capture_output=True, text=True, timeout=30)
+    assert got.returncode == 0, got.stderr
+    assert out.read_bytes()[:daemon.blob.stat().st_size] == daemon.blob.read_bytes()
+    small = subprocess.run([str(exe), "-s", daemon.socket, "get", "vm-c", "-n", "0"],
+                           capture_output=True, text=True, timeout=30)
+    assert small.returncode == 3, small.stdout + small.stderr
+    status = subprocess.run([str(exe), "-s", daemon.socket, "status"], capture_output=True,
+                            text=True, timeout=30)
+    assert status.returncode == 0 and '"leases":0' in status.stdout.replace(" ", "")

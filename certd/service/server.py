@@ -290,8 +290,8 @@ class Connection(asyncio.BufferedProtocol):
             # Unconfigured or unusable: an empty table, as KVM itself writes. With no buffer
             # at all there is nothing to write, and still nothing to retry.
             empty = table.EMPTY_TABLE if msg.npages else b""
-            self._send(wire.encode_get_reply(rid, wire.RET_OK, msg.npages, profile.generation,
-                                             0, empty))
+            self._send(wire.encode_get_reply(rid, wire.RET_OK, table.npages(len(empty)),
+                                             profile.generation, 0, empty))
             self.log.debug("served empty table", vm=msg.vm_id, npages=msg.npages,
                            generation=profile.generation)
             return
@@ -308,7 +308,7 @@ class Connection(asyncio.BufferedProtocol):
         lease = srv.leases.grant(msg.vm_id, hold, self, asyncio.get_running_loop())
         self.leases += 1
         srv.counters.served += 1
-        self._sendv(wire.get_reply_prefix(rid, wire.RET_OK, msg.npages, hold.generation,
+        self._sendv(wire.get_reply_prefix(rid, wire.RET_OK, need, hold.generation,
                                           lease.id, size), hold.table)
         self.log.debug("served", vm=msg.vm_id, npages=msg.npages, size=size,
                        generation=hold.generation, lease=lease.id)
