@@ -111,7 +111,7 @@ def limits_of(cfg: configmod.Config) -> Limits:
     s = cfg.server
     return Limits(request_deadline=s.request_deadline_ms / 1000,
                   lease_timeout=s.lease_timeout_ms / 1000, idle_timeout=s.idle_timeout_s,
-                  max_frame=min(s.max_frame, 1024 * 64),
+                  max_frame=s.max_frame,
                   max_leases_per_connection=s.max_leases_per_connection,
                   max_connections=s.max_connections)
 

@@ -1,0 +1,148 @@
+"""Per-VM profiles, per-connection limits, the development default and --check-config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+
+import pytest
+
+from certd import client as clientmod
+from certd.abi import table, wire
+from certd.client import AsyncClient
+from certd.service import access
+from certd.service.profiles import Profile, ProfileSet, format_only
+from certd.service.server import CertServer, Limits
+from tests.daemon_support import BIN, Notifications, make_daemon
+
+
+def test_per_vm_profiles_route_by_vm_id(tmp_path):
+    other = tmp_path / "d" / "tenant.blob"  # configured but absent: that profile is empty
+    d = make_daemon(tmp_path / "d", extra=f'\n[[profile]]\nname = "tenant"\nblob = "{other}"\n'
+                                          'vms = ["tenant-*", "vm-7"]\n').start()
+    try:
+        with clientmod.Client(d.socket) as c:
+            host = c.get("vm-1", 4)
+            assert host.ret == 0 and host.table == d.blob.read_bytes()
+            c.release(host.lease_id)
+            for vm in ("tenant-a", "vm-7"):
+                r = c.get(vm, 4)
+                assert (r.ret, r.table, r.lease_id) == (0, table.EMPTY_TABLE, 0)
+            names = [p["name"] for p in c.status()["profiles"]]
+        assert names == ["default", "tenant"]
+    finally:
+        assert d.stop() == 0
+
+
+async def _server(tmp_path, **limits):
+    blob = tmp_path / "b.blob"
+    blob.write_bytes(table.encode([table.Entry.of(table.Role.ARK, b"a" * 100)]))
+    rate = limits.pop("rate", access.RateLimiter(0, 0))
+    srv = CertServer(ProfileSet(Profile("t", str(blob), validate=format_only)), Limits(**limits),
+                     access.AllowList(frozenset({os.getuid()})), rate)
+    server = await asyncio.get_running_loop().create_unix_server(srv.protocol,
+                                                                 str(tmp_path / "s"))
+    return srv, server, str(tmp_path / "s")
+
+
+async def _close(srv, server):
+    server.close()
+    await server.wait_closed()
+    srv.profiles.close()
+
+
+async def test_leases_per_connection_are_limited(tmp_path):
+    srv, server, path = await _server(tmp_path, max_leases_per_connection=2)
+    try:
+        async with AsyncClient(path) as c:
+            a, b = await c.get("vm", 1), await c.get("vm", 1)
+            with pytest.raises(clientmod.Refused) as ei:
+                await c.get("vm", 1)
+            assert ei.value.code == wire.ErrorCode.TOO_MANY_LEASES and ei.value.arg == 2
+            await c.release(a.lease_id)
+            again = await c.get("vm", 1)  # a released lease frees its slot
+            assert again.ret == 0
+            for r in (b, again):
+                await c.release(r.lease_id)
+    finally:
+        await _close(srv, server)
+
+
+async def test_rate_limit_per_vm_is_answered(tmp_path):
+    srv, server, path = await _server(tmp_path, rate=access.RateLimiter(1, 3))
+    try:
+        async with AsyncClient(path) as c:
+            for _ in range(3):
+                r = await c.get("noisy", 1)
+                await c.release(r.lease_id)
+            with pytest.raises(clientmod.Refused) as ei:
+                await c.get("noisy", 1)
+            assert ei.value.code == wire.ErrorCode.RATE_LIMITED and ei.value.arg > 0
+            quiet = await c.get("quiet", 1)  # other VMs are not affected
+            assert quiet.ret == 0
+            await c.release(quiet.lease_id)
+        assert srv.counters.rate_limited == 1
+    finally:
+        await _close(srv, server)
+
+
+async def test_idle_connection_is_closed_with_an_answer(tmp_path):
+    srv, server, path = await _server(tmp_path, idle_timeout=0.2)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        dec = wire.Decoder(wire.REPLIES)
+        data = await asyncio.wait_for(reader.read(), 10)  # the server speaks, then closes
+        dec.feed(data)
+        err = dec.next()
+        assert isinstance(err, wire.Error) and err.code == wire.ErrorCode.IDLE_TIMEOUT
+        assert err.closing
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await _close(srv, server)
+
+
+def test_check_config_names_the_line(tmp_path):
+    good = make_daemon(tmp_path / "d").config_text
+    (tmp_path / "good.toml").write_text(good)
+    ok = subprocess.run([str(BIN / "certd"), "--check-config", str(tmp_path / "good.toml")],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    lines = good.splitlines()
+    n = next(i for i, l in enumerate(lines) if l.startswith("lease_timeout_ms"))
+    lines[n] = 'lease_timeout_ms = "soon"'
+    (tmp_path / "bad.toml").write_text("\n".join(lines))
+    bad = subprocess.run([str(BIN / "certd"), "--check-config", str(tmp_path / "bad.toml")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 78
+    assert f"bad.toml:{n + 1}: server.lease_timeout_ms" in bad.stderr
+
+
+def test_dev_mode_end_to_end(tmp_path):
+    """README command 1: certd --dev prints working commands; the blob it serves verifies
+    against the report its simulated PSP signed."""
+    notify = Notifications.open()
+    proc = subprocess.Popen([str(BIN / "certd"), "--dev", "--dev-dir", str(tmp_path / "dev")],
+                            env={**os.environ, "NOTIFY_SOCKET": notify.address},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        notify.wait_for("READY=1", timeout=60)
+        banner = []
+        while not (line := proc.stdout.readline()).startswith("Ctrl-C"):
+            banner.append(line)
+        commands = [l.strip() for l in banner if l.strip().startswith(str(BIN / "certctl"))]
+        assert len(commands) == 4, banner
+        fetch = commands[0].replace("/tmp/certs-table.bin", str(tmp_path / "t.bin"))
+        for cmd in [fetch] + commands[1:]:
+            r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+        assert (tmp_path / "t.bin").read_bytes() == (tmp_path / "dev" / "certs.blob").read_bytes()
+        assert re.search(r"ret=0 .* lease=\d+", subprocess.run(
+            fetch, shell=True, capture_output=True, text=True, timeout=60).stdout)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+        proc.stdout.close()
+        notify.close()
