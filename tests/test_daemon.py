@@ -252,3 +252,28 @@ def test_reference_c_client_against_the_daemon(daemon, tmp_path):
     status = subprocess.run([str(exe), "-s", daemon.socket, "status"], capture_output=True,
                             text=True, timeout=30)
     assert status.returncode == 0 and '"leases":0' in status.stdout.replace(" ", "")
+
+
+def test_rotation_is_noticed_when_it_happens(daemon, tmp_path):
+    """The watcher validates a newly installed blob at once: one for another chip is
+    refused (logged, STATUS says so) before any VM asks, and never served."""
+    other = tmp_path / "other.blob"
+    subprocess.run([str(BIN / "certctl"), "build", "--chain",
+                    str(VECTORS / "milan_cert_chain.pem"), "--vcek",
+                    str(VECTORS / "milan_trustee_vcek.der"), "-o", str(other)],
+                   check=True, capture_output=True, timeout=60)
+    # --force: the operator skips the platform match; the daemon still checks it.
+    subprocess.run([str(BIN / "certctl"), "install", "--blob", str(daemon.blob), str(other),
+                    "--force"], check=True, capture_output=True, timeout=60)
+    daemon.notify.wait_for("STATUS=serving the empty table")
+    assert "blob not served" in daemon.log()
+    with clientmod.Client(daemon.socket) as c:
+        assert c.get("vm-1", 4).table == table.EMPTY_TABLE
+    subprocess.run([str(BIN / "certctl"), "rollback", "--blob", str(daemon.blob),
+                    "--platform", str(daemon.dir / "platform.toml")],
+                   check=True, capture_output=True, timeout=60)
+    daemon.notify.wait_for("STATUS=serving generation 3")
+    with clientmod.Client(daemon.socket) as c:
+        r = c.get("vm-1", 4)
+        assert r.ret == 0 and r.table == daemon.blob.read_bytes() and r.generation == 3
+        c.release(r.lease_id)

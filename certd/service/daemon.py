@@ -25,6 +25,7 @@ from certd.cli import exitcodes
 from certd.amd.roots import TrustStore
 from certd.platform import Platform
 from certd.service import access, sdnotify
+from certd.service.watcher import BlobWatcher
 from certd.service.profiles import Profile, ProfileSet
 from certd.service.server import CertServer, Limits
 from certd.verify.problems import Problem
@@ -197,6 +198,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         watchdog = sdnotify.start_watchdog(self.notifier)
+        self.watch()
         log.info("certd ready", version=__version__, socket=sock.getsockname(),
                  activated=self.activated, config=self.config_path,
                  platform=None if self.platform is None else self.platform.product.value,
@@ -212,6 +214,23 @@ class Daemon:
         finally:
             await self.shutdown(srv, watchdog)
         return 0
+
+    def watch(self) -> None:
+        if getattr(self, "watcher", None) is not None:
+            self.watcher.close()
+        self.watcher = BlobWatcher([p.blob_path for p in self.profiles], self.blob_changed)
+
+    def blob_changed(self, path: str | None, tries: int = 20) -> None:
+        """A blob was replaced: read and validate it now (logged by the profile), retrying
+        while the updater still holds the lock on the new file."""
+        busy = False
+        for p in self.profiles:
+            if path is None or p.blob_path == path:
+                busy |= p.refresh() is False
+        if busy and tries:
+            asyncio.get_running_loop().call_later(0.05, self.blob_changed, path, tries - 1)
+        elif not busy:
+            self.notifier.status(self.status_line())
 
     def reload(self) -> None:
         self.notifier.reloading("reloading configuration")
@@ -243,6 +262,7 @@ class Daemon:
         srv.limits = limits_of(cfg)
         srv.leases.timeout = srv.limits.lease_timeout
         srv.rate = access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst)
+        self.watch()
         log.info("configuration reloaded", config=self.config_path)
         self.notifier.ready("reloaded; " + self.status_line())
 
@@ -260,6 +280,7 @@ class Daemon:
         self.server.close_all()
         if watchdog is not None:
             watchdog.cancel()
+        self.watcher.close()
         self.profiles.close()
         log.info("certd stopped", leases_left=len(leases.live))
         self.notifier.close()

@@ -107,11 +107,13 @@ class Profile:
         if changed:
             self.on_change(self)
 
-    def refresh(self) -> None:
-        """Look at the file now (for status and start-up logs), without keeping a hold."""
+    def refresh(self) -> bool:
+        """Look at the file now (for status and logs) without keeping a hold; False if an
+        updater is still at work."""
         got = self.try_hold()
         if isinstance(got, SharedHold) and got.leases == 0:
             got.close()
+        return got is not BUSY
 
     def close(self) -> None:
         if self.current is not None:
