@@ -23,7 +23,7 @@ from certd import client as clientmod, policy
 from certd.abi import table, wire
 from certd.amd import roots
 from certd.store import locks
-from tests.daemon_support import BIN, VECTORS, make_daemon, vector_platform
+from tests.daemon_support import BIN, VECTORS, make_daemon
 
 HOLDER = """
 import sys, time

@@ -11,10 +11,12 @@ from typing import Any
 from certd.abi import table
 from certd.abi.product import Product
 from certd.abi.tcb import Tcb, TcbError
+from certd import platform as platmod
 from certd.amd import roots as rootsmod
 from certd.cli import exitcodes
 from certd.cli.common import CliError, read_input
 from certd.verify import pki
+from certd.platform import Platform
 from certd.verify.pki import Cert, Crl, Kind, PkiError
 
 TIME_HELP = ("validation time, ISO 8601 (2025-03-01, 2025-03-01T12:00:00Z); "
@@ -82,6 +84,17 @@ def load_crl(path: str, what: str = "--crl") -> Crl:
         raise CliError(f"{what} {path}: expected one CRL, found {len(items)} item(s) of which "
                        f"{sum(isinstance(i, Crl) for i in items)} CRL(s)", exitcodes.DATAERR)
     return items[0]
+
+
+def load_platform(path: str) -> Platform:
+    """A --platform FILE, with the two failure classes told apart (missing vs malformed)."""
+    try:
+        return platmod.load(path)
+    except FileNotFoundError:
+        raise CliError(f"platform file {path!r} does not exist", exitcodes.NOINPUT) from None
+    except (ValueError, OSError) as e:
+        raise CliError(str(e) if str(e).startswith(path) else f"platform file {path!r}: {e}",
+                       exitcodes.DATAERR) from None
 
 
 def add_roots_flag(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ import argparse
 import os
 from pathlib import Path
 
-from certd import platform as platmod
 from certd import policy
 from certd.abi import table
 from certd.cli import certinfo, exitcodes
@@ -104,12 +103,7 @@ def run(args: argparse.Namespace) -> int:
         leaf = certinfo.load_one(args.vlek, "--vlek", (Kind.VLEK,),
                                  " (a VCEK goes in with --vcek)")
     crl = certinfo.load_crl(args.crl) if args.crl else None
-    plat = None
-    if args.platform:
-        try:
-            plat = platmod.load(args.platform)
-        except platmod.PlatformError as e:
-            raise CliError(str(e), exitcodes.DATAERR) from None
+    plat = certinfo.load_platform(args.platform) if args.platform else None
     trust = certinfo.trust_from_args(args)
     try:
         blob = policy.build_blob(ark, ask, leaf, crl, trust=trust, at=args.at, platform=plat)

@@ -6,7 +6,7 @@ import argparse
 import datetime as dt
 from typing import Any, Callable, Sequence
 
-from certd.cli import exitcodes
+from certd.cli import certinfo, exitcodes
 from certd.cli.common import CliError, add_json_flag, emit, read_input
 from certd.store import blobstore, locks
 from certd.verify.problems import Problem
@@ -77,13 +77,7 @@ def _platform(args: argparse.Namespace):
     if args.force:
         return None
     if args.platform:
-        try:
-            return platmod.load(args.platform)
-        except FileNotFoundError:
-            raise CliError(f"platform file {args.platform!r} does not exist",
-                           exitcodes.NOINPUT) from None
-        except (ValueError, OSError) as e:
-            raise CliError(f"platform file {args.platform!r}: {e}", exitcodes.DATAERR) from None
+        return certinfo.load_platform(args.platform)
     try:
         return platmod.read_dev_sev()
     except (ValueError, OSError) as e:

@@ -71,12 +71,7 @@ def _read_report(path: str) -> bytes:
 
 
 def _platform(args: argparse.Namespace, blob: bytes) -> Platform | None:
-    plat = None
-    if args.platform:
-        try:
-            plat = platmod.load(args.platform)
-        except platmod.PlatformError as e:
-            raise CliError(str(e), exitcodes.DATAERR) from None
+    plat = certinfo.load_platform(args.platform) if args.platform else None
     if args.tcb is None and args.chip_id is None and args.product is None:
         return plat
     # Fill what the user did not give from the blob's own leaf, so only the given

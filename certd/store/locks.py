@@ -349,44 +349,35 @@ class BlobLock:
             return "replaced"
         return Hold(self.path, fd, st, False)
 
+    def _shared_steps(self, deadline: float | None):
+        """The shared acquisition as a generator of sleep requests (see :func:`_sleep_sync`
+        and :func:`_sleep_async`): yields a delay, returns the Hold."""
+        backoff, fast = _Backoff(deadline), 0
+        while True:
+            r = self._attempt_shared()
+            if isinstance(r, Hold):
+                r.waited = backoff.waited()
+                return r
+            if r == "replaced" and fast < _FAST_RETRIES:
+                fast += 1
+                continue
+            fast = 0
+            delay = backoff.next()
+            if delay is None:
+                raise LockBusy(self.path, "gate" if r == "gate" else "blob", backoff.waited(),
+                               False)
+            yield delay
+
     def acquire_shared_sync(self, deadline: float | None) -> Hold:
         """Shared lock on the current blob, waiting (sleeping) until ``deadline``.
 
         Raises :class:`BlobMissing` if there is no blob, :class:`LockBusy` at the deadline.
         """
-        backoff, fast = _Backoff(deadline), 0
-        while True:
-            r = self._attempt_shared()
-            if isinstance(r, Hold):
-                r.waited = backoff.waited()
-                return r
-            if r == "replaced" and fast < _FAST_RETRIES:
-                fast += 1
-                continue
-            fast = 0
-            delay = backoff.next()
-            if delay is None:
-                raise LockBusy(self.path, "gate" if r == "gate" else "blob", backoff.waited(),
-                               False)
-            time.sleep(delay)
+        return _sleep_sync(self._shared_steps(deadline))
 
     async def acquire_shared(self, deadline: float | None) -> Hold:
         """Async form of :meth:`acquire_shared_sync`; cancellable at every wait."""
-        backoff, fast = _Backoff(deadline), 0
-        while True:
-            r = self._attempt_shared()
-            if isinstance(r, Hold):
-                r.waited = backoff.waited()
-                return r
-            if r == "replaced" and fast < _FAST_RETRIES:
-                fast += 1
-                continue
-            fast = 0
-            delay = backoff.next()
-            if delay is None:
-                raise LockBusy(self.path, "gate" if r == "gate" else "blob", backoff.waited(),
-                               False)
-            await asyncio.sleep(delay)
+        return await _sleep_async(self._shared_steps(deadline))
 
     # -- exclusive (updaters)
 
@@ -464,26 +455,34 @@ class BlobLock:
         install. ``hold``: complete an adopted gate-only Hold with the blob lock instead of
         taking the gate. Raises :class:`LockBusy` at the deadline.
         """
-        steps = self._exclusive_steps(deadline, missing_ok, hold)
-        try:
-            while True:
-                time.sleep(next(steps))
-        except StopIteration as done:
-            return done.value
-        finally:
-            steps.close()
+        return _sleep_sync(self._exclusive_steps(deadline, missing_ok, hold))
 
     async def acquire_exclusive(self, deadline: float | None, missing_ok: bool = False,
                                 hold: Hold | None = None) -> Hold:
         """Async form of :meth:`acquire_exclusive_sync`; cancellable."""
-        steps = self._exclusive_steps(deadline, missing_ok, hold)
-        try:
-            while True:
-                await asyncio.sleep(next(steps))
-        except StopIteration as done:
-            return done.value
-        finally:
-            steps.close()  # on cancel: runs the generator's cleanup, closing the gate
+        return await _sleep_async(self._exclusive_steps(deadline, missing_ok, hold))
+
+
+def _sleep_sync(steps) -> Hold:
+    """Drive an acquisition generator, sleeping for each delay it yields."""
+    try:
+        while True:
+            time.sleep(next(steps))
+    except StopIteration as done:
+        return done.value
+    finally:
+        steps.close()
+
+
+async def _sleep_async(steps) -> Hold:
+    """Drive an acquisition generator on the event loop; cancellable at every sleep."""
+    try:
+        while True:
+            await asyncio.sleep(next(steps))
+    except StopIteration as done:
+        return done.value
+    finally:
+        steps.close()  # on cancel: runs the generator's cleanup (an exclusive gate closes)
 
 
 # --- module-level conveniences for the daemon -------------------------------------------
