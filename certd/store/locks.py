@@ -349,14 +349,14 @@ class BlobLock:
             return "replaced"
         return Hold(self.path, fd, st, False)
 
-    def _shared_steps(self, deadline: float | None):
-        """The shared acquisition as a generator of sleep requests (see :func:`_sleep_sync`
-        and :func:`_sleep_async`): yields a delay, returns the Hold."""
-        backoff, fast = _Backoff(deadline), 0
+    def _retry_steps(self, attempt: Callable[[], object], backoff: _Backoff, exclusive: bool):
+        """Generator: call ``attempt()`` until it returns a result rather than a reason to
+        wait ("gate", "blob", "replaced"), yielding the delays to sleep in between; raises
+        LockBusy at the deadline. A file replaced under us is retried at once a few times."""
+        fast = 0
         while True:
-            r = self._attempt_shared()
-            if isinstance(r, Hold):
-                r.waited = backoff.waited()
+            r = attempt()
+            if not isinstance(r, str):
                 return r
             if r == "replaced" and fast < _FAST_RETRIES:
                 fast += 1
@@ -365,8 +365,16 @@ class BlobLock:
             delay = backoff.next()
             if delay is None:
                 raise LockBusy(self.path, "gate" if r == "gate" else "blob", backoff.waited(),
-                               False)
+                               exclusive)
             yield delay
+
+    def _shared_steps(self, deadline: float | None):
+        """The shared acquisition as a generator of sleep requests (see :func:`_sleep_sync`
+        and :func:`_sleep_async`): yields a delay, returns the Hold."""
+        backoff = _Backoff(deadline)
+        hold = yield from self._retry_steps(self._attempt_shared, backoff, False)
+        hold.waited = backoff.waited()
+        return hold
 
     def acquire_shared_sync(self, deadline: float | None) -> Hold:
         """Shared lock on the current blob, waiting (sleeping) until ``deadline``.
@@ -407,19 +415,8 @@ class BlobLock:
     def _blob_exclusive_steps(self, backoff: _Backoff, missing_ok: bool):
         """Generator: yields delays to sleep; returns (fd, stat) of the verified, exclusively
         locked current blob, or (None, None) if it is missing and ``missing_ok``."""
-        fast = 0
-        while True:
-            r = self._attempt_blob_exclusive(missing_ok)
-            if isinstance(r, tuple):
-                return r
-            if r == "replaced" and fast < _FAST_RETRIES:
-                fast += 1
-                continue
-            fast = 0
-            delay = backoff.next()
-            if delay is None:
-                raise LockBusy(self.path, "blob", backoff.waited(), True)
-            yield delay
+        return (yield from self._retry_steps(lambda: self._attempt_blob_exclusive(missing_ok),
+                                             backoff, True))
 
     def _exclusive_steps(self, deadline: float | None, missing_ok: bool, hold: Hold | None):
         """The exclusive acquisition as a generator of sleep requests, shared by the sync
