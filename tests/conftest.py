@@ -41,7 +41,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
             continue
         for line in rep.capstdout.splitlines():
             text = line.strip()
-            if text and not text.startswith(("{", "20")):  # skip JSON and console log lines
+            # Skip log lines (JSON, console) and pretty-printed JSON documents.
+            if text and not text.startswith(("{", "}", '"', "20")):
                 lines.append(f"{rep.nodeid.split('::')[-1]}: {text}")
     if lines:
         terminalreporter.write_sep("=", "measured figures")

@@ -147,8 +147,8 @@ async def test_write_failure_still_releases(cclient, server, tmp_path):
 def test_makefile_builds(tmp_path):
     if shutil.which("make") is None or shutil.which("cc") is None:
         pytest.skip("make or cc missing")
-    shutil.copy(SRC, tmp_path / SRC.name)
-    shutil.copy(SRC.parent / "Makefile", tmp_path / "Makefile")
+    for name in (SRC.name, "qemu_reader.c", "Makefile"):
+        shutil.copy(SRC.parent / name, tmp_path / name)
     subprocess.run(["make", "-s", "-C", str(tmp_path)], check=True, capture_output=True,
                    timeout=60, env={**os.environ, "CFLAGS": "-O2 -Werror"})
-    assert (tmp_path / "certd-client").exists()
+    assert (tmp_path / "certd-client").exists() and (tmp_path / "qemu_reader").exists()

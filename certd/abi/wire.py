@@ -309,6 +309,25 @@ def encode_release_reply(request_id: int, lease_id: int,
                                    RELEASE_REPLY_SIZE, lease_id, result, 0)
 
 
+# Servers answer every GET and RELEASE; these two pack values the server produced itself
+# (request ids it decoded, its own lease ids and page counts) without re-checking them,
+# which is a measurable share of a GET+RELEASE's cost. Anything else uses the checked
+# encoders above.
+
+def pack_get_reply_ok(request_id: int, npages: int, generation: int, lease_id: int,
+                      table_len: int) -> bytes:
+    """Unchecked :func:`get_reply_prefix` for ``ret = 0`` (the table follows)."""
+    return _HDR_GET_REPLY.pack(MAGIC, VERSION, MsgType.GET_REPLY, 0, request_id,
+                               GET_REPLY_FIXED_SIZE + table_len,
+                               RET_OK, 0, npages, generation, lease_id, table_len, 0)
+
+
+def pack_release_reply(request_id: int, lease_id: int, result: int) -> bytes:
+    """Unchecked :func:`encode_release_reply`."""
+    return _HDR_RELEASE_REPLY.pack(MAGIC, VERSION, MsgType.RELEASE_REPLY, 0, request_id,
+                                   RELEASE_REPLY_SIZE, lease_id, result, 0)
+
+
 def encode_status_reply(request_id: int, status: dict) -> bytes:
     _check_rid(request_id, allow_zero=False)
     if not isinstance(status, dict):

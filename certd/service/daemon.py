@@ -278,6 +278,7 @@ class Daemon:
         while leases.live and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.server.close_all()
+        self.server.leases.close()
         if watchdog is not None:
             watchdog.cancel()
         self.watcher.close()

@@ -28,6 +28,9 @@ from certd.service.profiles import BUSY, EMPTY, ProfileSet
 log = structlog.get_logger("certd.server")
 
 _RECV_BUFFER = 65536
+_RELEASED, _UNKNOWN, _EXPIRED = (int(r) for r in (wire.ReleaseResult.RELEASED,
+                                                  wire.ReleaseResult.UNKNOWN,
+                                                  wire.ReleaseResult.EXPIRED))
 
 
 @dataclass
@@ -308,8 +311,8 @@ class Connection(asyncio.BufferedProtocol):
         lease = srv.leases.grant(msg.vm_id, hold, self, asyncio.get_running_loop())
         self.leases += 1
         srv.counters.served += 1
-        self._sendv(wire.get_reply_prefix(rid, wire.RET_OK, need, hold.generation,
-                                          lease.id, size), hold.table)
+        self._sendv(wire.pack_get_reply_ok(rid, need, hold.generation, lease.id, size),
+                    hold.table)
         self.log.debug("served", vm=msg.vm_id, npages=msg.npages, size=size,
                        generation=hold.generation, lease=lease.id)
 
@@ -325,12 +328,12 @@ class Connection(asyncio.BufferedProtocol):
         lid = msg.lease_id
         if srv.leases.release(lid, self):
             self.leases -= 1
-            result = wire.ReleaseResult.RELEASED
+            result = _RELEASED
         elif self.expired_ids.pop(lid, 0) is None:
-            result = wire.ReleaseResult.EXPIRED
+            result = _EXPIRED
         else:
-            result = wire.ReleaseResult.UNKNOWN
-        self._send(wire.encode_release_reply(msg.request_id, lid, result))
+            result = _UNKNOWN
+        self._send(wire.pack_release_reply(msg.request_id, lid, result))
 
     # -- refusals and errors
 
