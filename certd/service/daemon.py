@@ -101,7 +101,8 @@ def build_profiles(cfg: configmod.Config, validate, old: ProfileSet | None = Non
         p = reuse.get(str(path))
         if p is None:
             p = Profile(name, str(path), on_change=_log_profile)
-        p.name, p.patterns, p.validate = name, patterns, validate
+        p.name, p.patterns = name, patterns
+        p.use_validator(validate)
         return p
 
     default = make("default", cfg.store.blob, ())
@@ -255,8 +256,6 @@ class Daemon:
         self.cfg, self.platform = cfg, platform
         self.validate = make_validator(self.trust, platform)
         self.profiles = build_profiles(cfg, self.validate, self.profiles)
-        for p in self.profiles:
-            p._key = None  # re-validate against the new platform at the next hold
         srv = self.server
         srv.profiles, srv.allow = self.profiles, allow_of(cfg)
         srv.limits = limits_of(cfg)

@@ -56,6 +56,13 @@ class Profile:
     def __post_init__(self) -> None:
         self._lock = locks.BlobLock(self.blob_path)
 
+    def use_validator(self, validate: Validator) -> None:
+        """Judge blobs with ``validate`` from now on (a reload may bring a new platform):
+        the verdict on the bytes in memory is forgotten, so the next new hold re-reads and
+        re-validates the file."""
+        self.validate = validate
+        self._key = None
+
     def matches(self, vm_id: str) -> bool:
         return any(fnmatch.fnmatchcase(vm_id, p) for p in self.patterns)
 

@@ -23,7 +23,7 @@ from certd import __version__
 from certd.abi import table, wire
 from certd.service import access
 from certd.service.leases import Lease, LeaseTable, SharedHold
-from certd.service.profiles import BUSY, EMPTY, ProfileSet
+from certd.service.profiles import BUSY, EMPTY, Profile, ProfileSet
 
 log = structlog.get_logger("certd.server")
 
@@ -260,9 +260,9 @@ class Connection(asyncio.BufferedProtocol):
             task = asyncio.get_running_loop().create_task(self._get_later(msg, profile, deadline))
             self.pending[rid] = task
             return
-        self._answer(msg, got)
+        self._answer(msg, profile, got)
 
-    async def _get_later(self, msg: wire.Get, profile, wait: float) -> None:
+    async def _get_later(self, msg: wire.Get, profile: Profile, wait: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         delay = 0.0005
@@ -278,18 +278,17 @@ class Connection(asyncio.BufferedProtocol):
                                        "an update holds the certificate lock past the deadline")
                     return
             if self.transport is not None:
-                self._answer(msg, got)
+                self._answer(msg, profile, got)
             elif isinstance(got, SharedHold) and got.leases == 0:
                 got.close()
         finally:
             self.pending.pop(msg.request_id, None)
 
-    def _answer(self, msg: wire.Get, got: SharedHold | str) -> None:
+    def _answer(self, msg: wire.Get, profile: Profile, got: SharedHold | str) -> None:
         srv = self.server
         rid = msg.request_id
         if got is EMPTY:
             srv.counters.empty += 1
-            profile = srv.profiles.for_vm(msg.vm_id)
             # Unconfigured or unusable: an empty table, as KVM itself writes. With no buffer
             # at all there is nothing to write, and still nothing to retry.
             empty = table.EMPTY_TABLE if msg.npages else b""
