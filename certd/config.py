@@ -687,7 +687,7 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
 def check_main(path: str | Path = DEFAULT_PATH) -> int:
     """``certd --check-config``: print OK or every problem; return 0 or 78 (CONFIG)."""
     # Imported here: config sits below the CLI layer; only this entry point needs exit codes.
-    from certd.cli import exitcodes
+    from certd import exitcodes
 
     try:
         cfg = load(path)

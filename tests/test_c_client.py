@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from certd.abi import wire
-from certd.cli import exitcodes
+from certd import exitcodes
 from test_client import TABLE, FakeServer, GENERATION  # the shared test-only server
 
 SRC = Path(__file__).resolve().parent.parent / "contrib" / "certd-client.c"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from certd.abi import table
 from certd.abi.table import Entry, Role
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.store import locks
 
 VECTORS = pathlib.Path(__file__).parent / "vectors"

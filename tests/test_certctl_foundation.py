@@ -16,7 +16,7 @@ from certd import platform as platmod
 from certd.abi import report as reportmod
 from certd.abi import table
 from certd.abi.product import Product
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.cli.certctl import main
 from vector_pairs import PAIRS
 

@@ -20,7 +20,8 @@ import pytest
 from certd.abi import table as tablemod
 from certd.abi import wire
 from certd.abi.wire import ErrorCode
-from certd.cli import cmd_fetch, cmd_status, exitcodes
+from certd.cli import cmd_fetch, cmd_status
+from certd import exitcodes
 from certd.cli.common import CliError, report_error
 from certd.client import (AsyncClient, Client, GetResult, InvalidRequest, ProtocolError,
                           Refused, ReleaseResult, RequestTimeout, Unavailable)

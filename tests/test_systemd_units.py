@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from certd import config
-from certd.cli import exitcodes
+from certd import exitcodes
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.cli.common import CliError, report_error
 
 #: Subcommand modules, in the order --help lists them.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from certd import __version__, config as configmod, logs
 from certd.abi.product import Product
-from certd.cli import exitcodes
+from certd import exitcodes
 
 DESCRIPTION = """\
 certd serves SEV-SNP certificate tables (ARK, ASK/ASVK, VCEK/VLEK, CRL) to VMMs that

@@ -13,7 +13,7 @@ from certd.abi.product import Product
 from certd.abi.tcb import Tcb, TcbError
 from certd import platform as platmod
 from certd.amd import roots as rootsmod
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.cli.common import CliError, read_input
 from certd.verify import pki
 from certd.platform import Platform

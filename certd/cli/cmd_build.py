@@ -8,7 +8,8 @@ from pathlib import Path
 
 from certd import policy
 from certd.abi import table
-from certd.cli import certinfo, exitcodes
+from certd.cli import certinfo
+from certd import exitcodes
 from certd.cli.common import CliError, add_json_flag, emit
 from certd.verify.pki import Cert, Kind
 

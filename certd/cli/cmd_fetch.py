@@ -16,7 +16,7 @@ import time
 from certd.abi import wire
 from certd.abi.table import GUEST_MAX_SIZE, PAGE_SIZE
 from certd.abi.wire import ErrorCode
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.cli.common import CliError, add_json_flag, emit
 from certd.client import (DEFAULT_SOCKET, DEFAULT_TIMEOUT, Client, ClientError,
                           InvalidRequest, ProtocolError, Refused, Unavailable)

@@ -6,7 +6,8 @@ import argparse
 import datetime as dt
 from typing import Any, Callable, Sequence
 
-from certd.cli import certinfo, exitcodes
+from certd.cli import certinfo
+from certd import exitcodes
 from certd.cli.common import CliError, add_json_flag, emit, read_input
 from certd.store import blobstore, locks
 from certd.verify.problems import Problem

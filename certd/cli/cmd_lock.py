@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.cli.common import CliError, add_json_flag, emit
 from certd.store import locks
 

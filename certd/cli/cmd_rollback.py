@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.cli.cmd_install import add_policy_flags, make_validator, result_dict, store_error
 from certd.cli.common import add_json_flag, emit
 from certd.store import blobstore, locks

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from certd.abi import table
-from certd.cli import certinfo, exitcodes
+from certd.cli import certinfo
+from certd import exitcodes
 from certd.cli.common import CliError, add_json_flag, emit, read_input
 
 EPILOG = """\

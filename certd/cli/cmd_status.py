@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.cli.cmd_fetch import add_socket_args, cli_error
 from certd.cli.common import add_json_flag, emit
 from certd.client import Client, ClientError

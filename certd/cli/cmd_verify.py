@@ -8,7 +8,8 @@ import re
 from certd import platform as platmod
 from certd import policy
 from certd.abi.tcb import Tcb
-from certd.cli import certinfo, exitcodes
+from certd.cli import certinfo
+from certd import exitcodes
 from certd.cli.common import CliError, add_json_flag, emit, read_input
 from certd.platform import Platform
 from certd.verify.chain import utc

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from certd.cli import exitcodes
+from certd import exitcodes
 
 
 class CliError(Exception):

@@ -21,7 +21,7 @@ import structlog
 from certd import __version__, config as configmod, platform as platformmod, policy
 from certd.abi import table
 from certd.amd import roots
-from certd.cli import exitcodes
+from certd import exitcodes
 from certd.amd.roots import TrustStore
 from certd.platform import Platform
 from certd.service import access, sdnotify

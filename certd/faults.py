@@ -1,0 +1,42 @@
+"""Test-only switches, read in one place.
+
+Two kinds, both set through the environment so they reach real processes (the daemon,
+``certctl`` updaters) that a test starts:
+
+* ``CERTD_FAULT=<name>[,<name>...]`` makes certd *misbehave* on purpose in a named way
+  (for example ``early-release``: updaters release the lock before the new blob is in
+  place). A negative-control test sets it and expects the invariant checker to fail.
+* ``CERTD_UNSAFE=<protection>[,...]`` switches a named *protection* off (for example
+  ``inode-check``), for the same purpose.
+* ``CERTD_FAULT_AT=<step>`` (store only): SIGKILL the installing process at that step.
+
+Nothing in a production configuration sets these; the daemon logs a warning at start
+when any is set (see :func:`active`).
+"""
+
+from __future__ import annotations
+
+import os
+
+FAULT_ENV = "CERTD_FAULT"
+UNSAFE_ENV = "CERTD_UNSAFE"
+FAULT_AT_ENV = "CERTD_FAULT_AT"
+
+
+def _names(var: str) -> frozenset[str]:
+    return frozenset(x.strip() for x in os.environ.get(var, "").split(",") if x.strip())
+
+
+def fault(name: str) -> bool:
+    """True if the test-only misbehaviour ``name`` is switched on (``CERTD_FAULT``)."""
+    return name in _names(FAULT_ENV)
+
+
+def unsafe(protection: str) -> bool:
+    """True if the protection ``protection`` is switched off (``CERTD_UNSAFE``)."""
+    return protection in _names(UNSAFE_ENV)
+
+
+def active() -> dict[str, str]:
+    """The test-only switches set in this process's environment (for a start-up warning)."""
+    return {k: os.environ[k] for k in (FAULT_ENV, UNSAFE_ENV, FAULT_AT_ENV) if os.environ.get(k)}
