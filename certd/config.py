@@ -294,6 +294,11 @@ class ServerConfig:
         _number(0, 1e6), "token bucket refill rate per VM id, requests per second"))
     rate_burst: int = field(default=100, metadata=_key(
         _int(1, 1 << 20), "token bucket size per VM id"))
+    hold_max_age_ms: int = field(default=100, metadata=_key(
+        _int(1, 60_000), "a shared hold takes new leases for at most this long, then drains "
+        "so an updater that only takes the kernel's exclusive OFD lock gets in"))
+    hold_gap_ms: int = field(default=2, metadata=_key(
+        _int(0, 1000), "after a hold drained for its age, no shared lock is taken for this long"))
     #: ``socket_group`` resolved to a gid by :func:`parse` (None: leave the group as is).
     #: Not a TOML key.
     socket_gid: int | None = None
@@ -353,6 +358,9 @@ class PlatformConfig:
         "where platform identity comes from: /dev/sev, a platform file, or auto"))
     file: Path | None = field(default=None, metadata=_key(
         _opt_abs_path, "platform TOML file (hosts without SNP, tests); \"\" = none"))
+    poll_s: float = field(default=30.0, metadata=_key(
+        _number(0.01, 86_400), "re-read the platform identity this often (also on a platform "
+        "file change, SIGHUP and every new shared hold)"))
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,75 @@ def read_dev_sev(path: str = "/dev/sev", *, product: Product | None = None) -> P
                     chip_id=chip_id,
                     mask_chip_id=bool(flags & 1),
                     signing_key="vlek" if flags & 4 else "vcek")
+
+
+# --- the platform as observed now -------------------------------------------------------
+
+class PlatformSource:
+    """The platform identity as it is *now*, re-read when it may have changed.
+
+    Firmware updates, SNP_COMMIT, SNP_SET_CONFIG and SNP_VLEK_LOAD change the reported TCB
+    and the signing key while certd runs, so a snapshot taken at start goes stale.
+    :meth:`observe` re-reads the identity (a platform file only when its inode, size,
+    mtime or ctime changed; ``/dev/sev`` on every call) and bumps :attr:`epoch` whenever
+    what it says changed, so every verdict taken under the old identity can be told apart
+    from one taken under the new. A read that fails leaves :attr:`current` None with
+    :attr:`error` saying why: nothing is served as valid on an identity nobody can read.
+
+    ``kind``: ``"file"`` (``path``), ``"sev"`` (``path`` defaults to /dev/sev) or
+    ``"fixed"`` (``fixed``: tests and dev mode pass a Platform).
+    """
+
+    def __init__(self, kind: str, path: str | Path | None = None,
+                 fixed: Platform | None = None):
+        if kind not in ("file", "sev", "fixed"):
+            raise PlatformError(f"platform source must be file, sev or fixed, got {kind!r}")
+        if kind == "file" and path is None:
+            raise PlatformError("a platform file source needs a path")
+        self.kind = kind
+        self.path = str(path) if path is not None else ("/dev/sev" if kind == "sev" else None)
+        self.current: Platform | None = fixed
+        self.error: str | None = None
+        self.epoch = 0
+        self._key: tuple[int, ...] | None = None
+        if kind != "fixed":
+            self.observe(force=True)
+
+    def describe(self) -> str:
+        return {"file": f"platform file {self.path}", "sev": f"{self.path}",
+                "fixed": "built-in platform"}[self.kind]
+
+    def _file_key(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.path)  # type: ignore[arg-type]
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def observe(self, force: bool = False) -> bool:
+        """Look at the platform now; True if its identity changed (epoch bumped)."""
+        if self.kind == "fixed":
+            return False
+        if self.kind == "file":
+            key = self._file_key()
+            if not force and key is not None and key == self._key:
+                return False
+            self._key = key
+        try:
+            new = load(self.path) if self.kind == "file" else read_dev_sev(self.path)  # type: ignore[arg-type]
+            error = None
+        except (PlatformError, OSError) as e:
+            new, error = None, str(e)
+        if new == self.current and error == self.error:
+            return False
+        self.current, self.error = new, error
+        self.epoch += 1
+        return True
+
+    def set_fixed(self, platform: Platform) -> None:
+        """Tests and dev mode: the platform changed to ``platform`` (kind ``fixed`` only)."""
+        if self.kind != "fixed":
+            raise PlatformError("only a fixed platform source is set by hand")
+        if platform != self.current:
+            self.current = platform
+            self.epoch += 1

@@ -13,9 +13,9 @@ from certd import client as clientmod
 from certd.abi import table, wire
 from certd.client import AsyncClient
 from certd.service import access
-from certd.service.profiles import Profile, ProfileSet, format_only
+from certd.service.profiles import Profile, ProfileSet
 from certd.service.server import CertServer, Limits
-from tests.daemon_support import BIN, Notifications, make_daemon
+from tests.daemon_support import BIN, Notifications, TableOnlyJudge, make_daemon
 
 
 def test_per_vm_profiles_route_by_vm_id(tmp_path):
@@ -40,7 +40,7 @@ async def _server(tmp_path, **limits):
     blob = tmp_path / "b.blob"
     blob.write_bytes(table.encode([table.Entry.of(table.Role.ARK, b"a" * 100)]))
     rate = limits.pop("rate", access.RateLimiter(0, 0))
-    srv = CertServer(ProfileSet(Profile("t", str(blob), validate=format_only)), Limits(**limits),
+    srv = CertServer(ProfileSet(Profile("t", str(blob), TableOnlyJudge())), Limits(**limits),
                      access.AllowList(frozenset({os.getuid()})), rate)
     server = await asyncio.get_running_loop().create_unix_server(srv.protocol,
                                                                  str(tmp_path / "s"))

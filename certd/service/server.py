@@ -101,8 +101,7 @@ class CertServer:
                 {"name": p.name, "blob": p.blob_path, "generation": p.generation,
                  "size": 0 if p.served == table.EMPTY_TABLE else len(p.served),
                  "npages": table.npages(len(p.served)),
-                 "state": "serving" if p.served != table.EMPTY_TABLE else
-                          ("invalid" if p.problems else "empty"),
+                 "state": p.state,
                  "problems": [str(x) for x in p.problems],
                  "vms": list(p.patterns)}
                 for p in self.profiles],
@@ -148,7 +147,7 @@ class Connection(asyncio.BufferedProtocol):
         self.log = log.bind(peer_pid=self.peer.pid if self.peer else None,
                             peer_uid=self.peer.uid if self.peer else None)
         if len(srv.connections) >= srv.limits.max_connections:
-            self._fail(0, wire.ErrorCode.TOO_MANY_REQUESTS,
+            self._fail(0, wire.ErrorCode.TOO_MANY_CONNECTIONS,
                        f"certd serves at most {srv.limits.max_connections} connections")
             return
         srv.connections.add(self)
@@ -179,12 +178,19 @@ class Connection(asyncio.BufferedProtocol):
             if not self.allowed:
                 self._refuse(msg.request_id)
                 return
-            if type(msg) is wire.Get:
-                self._get(msg)
-            elif type(msg) is wire.Release:
-                self._release(msg)
-            else:
-                self._send(wire.encode_status_reply(msg.request_id, self.server.status()))
+            try:
+                if type(msg) is wire.Get:
+                    self._get(msg)
+                elif type(msg) is wire.Release:
+                    self._release(msg)
+                else:
+                    self._send(wire.encode_status_reply(msg.request_id, self.server.status()))
+            except Exception as e:  # a bug: answer it and keep serving everyone else
+                self.log.exception("request failed", request_id=msg.request_id,
+                                   type=type(msg).__name__)
+                self._error(msg.request_id, wire.ErrorCode.INTERNAL,
+                            f"certd failed on this request ({type(e).__name__}: {e}); "
+                            "see its log")
             if self.transport is None:
                 return
 
@@ -239,15 +245,8 @@ class Connection(asyncio.BufferedProtocol):
             self._error(rid, wire.ErrorCode.RATE_LIMITED,
                         f"VM {msg.vm_id!r} exceeds {srv.rate.rate:g} requests/s", arg=wait_ms)
             return
-        if self.leases >= srv.limits.max_leases_per_connection:
-            self.log.info("request refused", vm=msg.vm_id, why="too many leases",
-                          limit=srv.limits.max_leases_per_connection)
-            self._error(rid, wire.ErrorCode.TOO_MANY_LEASES,
-                        f"{self.leases} leases are live on this connection; RELEASE some first",
-                        arg=srv.limits.max_leases_per_connection)
-            return
         profile = srv.profiles.for_vm(msg.vm_id)
-        got = profile.try_hold()
+        got = profile.lease_source()
         if got is BUSY:
             if len(self.pending) >= srv.limits.max_requests_in_flight:
                 self._error(rid, wire.ErrorCode.TOO_MANY_REQUESTS,
@@ -270,7 +269,7 @@ class Connection(asyncio.BufferedProtocol):
             while True:
                 await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
                 delay = min(delay * 2, 0.005)
-                got = profile.try_hold() if self.server.accepting else BUSY
+                got = profile.lease_source() if self.server.accepting else BUSY
                 if got is not BUSY:
                     break
                 if loop.time() >= deadline:
@@ -279,8 +278,6 @@ class Connection(asyncio.BufferedProtocol):
                     return
             if self.transport is not None:
                 self._answer(msg, profile, got)
-            elif isinstance(got, SharedHold) and got.leases == 0:
-                got.close()
         finally:
             self.pending.pop(msg.request_id, None)
 
@@ -302,10 +299,16 @@ class Connection(asyncio.BufferedProtocol):
         need = table.npages(size)
         if msg.npages < need:
             srv.counters.enospc += 1
-            if hold.leases == 0:
-                hold.close()
             self._send(wire.encode_get_reply(rid, wire.ENOSPC, need, hold.generation))
             self.log.debug("answered ENOSPC", vm=msg.vm_id, npages=msg.npages, need=need)
+            return
+        if self.leases >= srv.limits.max_leases_per_connection:
+            # Here, after any wait: a GET that waited for an updater obeys the limit too.
+            self.log.info("request refused", vm=msg.vm_id, why="too many leases",
+                          limit=srv.limits.max_leases_per_connection)
+            self._error(rid, wire.ErrorCode.TOO_MANY_LEASES,
+                        f"{self.leases} leases are live on this connection; RELEASE some first",
+                        arg=srv.limits.max_leases_per_connection)
             return
         lease = srv.leases.grant(msg.vm_id, hold, self, asyncio.get_running_loop())
         self.leases += 1

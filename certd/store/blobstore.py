@@ -216,6 +216,52 @@ class BlobStore:
         finally:
             os.close(gate)
 
+    # -- journal, settle, ensure_exists (interim: the store branch replaces these)
+
+    @property
+    def journal_path(self) -> str:
+        return os.path.join(self.dir, f".{self.name}.journal")
+
+    def journal(self) -> str | None:
+        """The journal an updater left (it died mid-change), or None."""
+        return self.journal_path if os.path.exists(self.journal_path) else None
+
+    def settle(self, validate: Validator | None = None, *,
+               timeout: float | None = DEFAULT_TIMEOUT) -> str:
+        """Under the exclusive lock: empty the blob if it does not fit now; clear the journal."""
+        validate = validate or self.validate
+        hold = self._acquire(timeout)
+        try:
+            if hold.fd is None:
+                result = "missing"
+            else:
+                blob = hold.read()
+                if blob == table.EMPTY_TABLE or not list(validate(blob)):
+                    result = "kept"
+                else:
+                    self._replace(table.EMPTY_TABLE, hold, lambda b: [], "empty table")
+                    result = "emptied"
+            try:
+                os.unlink(self.journal_path)
+            except FileNotFoundError:
+                pass
+            return result
+        finally:
+            hold.release()
+
+    def ensure_exists(self) -> bool:
+        """Write the empty table if there is no blob; True if written."""
+        if os.path.exists(self.path):
+            return False
+        hold = self._acquire(DEFAULT_TIMEOUT)
+        try:
+            if hold.fd is not None:
+                return False
+            self._replace(table.EMPTY_TABLE, hold, lambda b: [], "empty table")
+            return True
+        finally:
+            hold.release()
+
     # -- install / rollback
 
     def _check_dir(self) -> None:
