@@ -364,6 +364,13 @@ class PlatformConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    roots: tuple[Path, ...] = field(default=(), metadata=_key(
+        _list_of(_abs_path, "paths"), "PEM files whose ARK/ASK/ASVK replace AMD's pinned roots "
+        "(the development PKI of certd --dev only); [] = AMD's pinned roots"))
+
+
+@dataclass(frozen=True)
 class KdsConfig:
     base_url: str = field(default="https://kdsintf.amd.com", metadata=_key(
         _url, "AMD KDS base URL; \"\" disables fetching from KDS"))
@@ -417,6 +424,7 @@ _SECTIONS: dict[str, tuple[str, type]] = {
     "access": ("access", AccessConfig),
     "store": ("store", StoreConfig),
     "platform": ("platform", PlatformConfig),
+    "trust": ("trust", TrustConfig),
     "kds": ("kds", KdsConfig),
     "watch": ("watch", WatchConfig),
     "log": ("log", LogConfig),
@@ -429,6 +437,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     kds: KdsConfig = field(default_factory=KdsConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -28,6 +28,7 @@ from certd.service.watcher import BlobWatcher
 from certd.service.profiles import HoldPolicy, Judge, Profile, ProfileSet
 from certd.service.server import CertServer, Limits
 from certd.store import blobstore
+from certd.verify import trustfile
 
 log = structlog.get_logger("certd.daemon")
 
@@ -106,6 +107,16 @@ def build_profiles(cfg: configmod.Config, judge: Judge, old: ProfileSet | None =
     return profiles
 
 
+def trust_of(cfg: configmod.Config) -> TrustStore:
+    """AMD's pinned roots, or the files of ``[trust] roots`` (development PKI) instead."""
+    if not cfg.trust.roots:
+        return roots.pinned()
+    try:
+        return trustfile.load(cfg.trust.roots, name="[trust] roots")
+    except trustfile.TrustFileError as e:
+        raise StartupError(f"[trust] roots: {e}") from None
+
+
 def hold_policy_of(cfg: configmod.Config) -> HoldPolicy:
     s = cfg.server
     return HoldPolicy(max_age=s.hold_max_age_ms / 1000, gap=s.hold_gap_ms / 1000)
@@ -165,7 +176,7 @@ class Daemon:
         self.cfg = cfg
         self.config_path = config_path
         self.ctx = ctx
-        self.trust = ctx.trust or roots.pinned()
+        self.trust = ctx.trust or trust_of(cfg)
         self.platform = self._platform_source(cfg)
         self.judge = Judge(self.trust, self.platform)
         self.profiles = build_profiles(cfg, self.judge)

@@ -92,6 +92,9 @@ blob = "{directory / 'certs.blob'}"
 source = "file"
 file = "{platform_path}"
 
+[trust]
+roots = ["{directory / 'dev-roots.pem'}"]   # development trust anchors, NOT AMD's
+
 [log]
 level = "debug"
 """)
