@@ -16,7 +16,8 @@ from certd import exitcodes
 from certd.cli.common import CliError, report_error
 
 #: Subcommand modules, in the order --help lists them.
-COMMANDS = ("build", "show", "verify", "install", "rollback", "lock", "fetch", "status")
+COMMANDS = ("build", "show", "verify", "install", "rollback", "lock", "fw-update", "fetch",
+            "status")
 
 DESCRIPTION = """\
 certctl manages the SEV-SNP certificate blob that certd serves to VMMs and that a stock
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"certd.cli.cmd_{name}").register(sub)
+        importlib.import_module(f"certd.cli.cmd_{name.replace('-', '')}").register(sub)
     return parser
 
 

@@ -23,23 +23,17 @@ from certd.abi import table
 from certd.amd import roots
 from certd.amd.roots import TrustStore
 from certd.platform import Platform, PlatformSource
-from certd.service import access, sdnotify
+from certd.service import access, rotation, sdnotify
 from certd.service.watcher import BlobWatcher
 from certd.service.profiles import HoldPolicy, Judge, Profile, ProfileSet
 from certd.service.server import CertServer, Limits
 from certd.store import blobstore
-from certd.verify import trustfile
 
 log = structlog.get_logger("certd.daemon")
 
 
-class StartupError(Exception):
-    """certd cannot start; the message says why and what to do. ``code`` is the exit code:
-    CONFIG (78) where restarting cannot help, UNAVAILABLE (69) where it may."""
-
-    def __init__(self, message: str, code: int = exitcodes.CONFIG):
-        super().__init__(message)
-        self.code = code
+#: certd cannot start; the message says why and what to do, ``code`` the exit code.
+StartupError = rotation.SetupError
 
 
 @dataclass
@@ -50,25 +44,6 @@ class Context:
     platform: Platform | None = None  # None: from [platform] in the configuration
     #: Printed once the socket is ready (dev mode prints its paths and commands here).
     on_ready: Callable[[], None] | None = None
-
-
-def platform_source(cfg: configmod.Config) -> PlatformSource:
-    """Where the platform identity is observed: ``/dev/sev`` when ``source = "sev"``, or
-    ``"auto"`` on a host that has it; else the platform file. ``auto`` with neither is
-    refused: serving with the TCB and chip id checks skipped could serve a stale VCEK."""
-    src, path = cfg.platform.source, cfg.platform.file
-    if src == "sev" or (src == "auto" and os.path.exists(SEV_DEVICE)):
-        return PlatformSource("sev", SEV_DEVICE)
-    if path is None:
-        if src == "file":
-            raise StartupError('[platform] source = "file" needs platform.file')
-        raise StartupError(f'[platform] source = "auto": this host has no {SEV_DEVICE} and '
-                           "no platform.file is set; certd cannot check the TCB and chip id "
-                           "without one (set platform.file, or run on an SNP host)")
-    return PlatformSource("file", path)
-
-
-SEV_DEVICE = "/dev/sev"
 
 
 def _log_profile(profile: Profile) -> None:
@@ -105,16 +80,6 @@ def build_profiles(cfg: configmod.Config, judge: Judge, old: ProfileSet | None =
     for dropped in reuse.values():
         dropped.close()
     return profiles
-
-
-def trust_of(cfg: configmod.Config) -> TrustStore:
-    """AMD's pinned roots, or the files of ``[trust] roots`` (development PKI) instead."""
-    if not cfg.trust.roots:
-        return roots.pinned()
-    try:
-        return trustfile.load(cfg.trust.roots, name="[trust] roots")
-    except trustfile.TrustFileError as e:
-        raise StartupError(f"[trust] roots: {e}") from None
 
 
 def hold_policy_of(cfg: configmod.Config) -> HoldPolicy:
@@ -176,10 +141,12 @@ class Daemon:
         self.cfg = cfg
         self.config_path = config_path
         self.ctx = ctx
-        self.trust = ctx.trust or trust_of(cfg)
-        self.platform = self._platform_source(cfg)
-        self.judge = Judge(self.trust, self.platform)
+        self.setup = rotation.Setup.from_config(cfg, trust=ctx.trust,
+                                                platform=self._platform_source(cfg))
+        self.trust, self.platform, self.judge = self.setup.trust, self.setup.platform, \
+            self.setup.judge
         self.profiles = build_profiles(cfg, self.judge)
+        self.rotator = rotation.Rotator(self.profiles.default, self.setup)
         lim = limits_of(cfg)
         self.server = CertServer(self.profiles, lim, allow_of(cfg),
                                  access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst))
@@ -191,7 +158,7 @@ class Daemon:
                          old: PlatformSource | None = None) -> PlatformSource:
         if self.ctx.platform is not None:
             return old or PlatformSource("fixed", fixed=self.ctx.platform)
-        new = platform_source(cfg)
+        new = rotation.platform_source(cfg)
         if old is not None and (old.kind, old.path) == (new.kind, new.path):
             old.observe(force=True)
             return old
@@ -227,6 +194,7 @@ class Daemon:
         watchdog = sdnotify.start_watchdog(self.notifier)
         self.watch()
         poller = loop.create_task(self._poll_platform())
+        self.rotator.check("start")
         plat = self.platform.current
         log.info("certd ready", version=__version__, socket=sock.getsockname(),
                  activated=self.activated, config=self.config_path,
@@ -264,6 +232,7 @@ class Daemon:
         while True:
             await asyncio.sleep(self.cfg.platform.poll_s)
             self.platform_changed("poll")
+            self.rotator.check("poll")
 
     def platform_changed(self, why: str, force: bool = False) -> None:
         if self.platform.observe(force):
@@ -294,6 +263,8 @@ class Daemon:
         for p in self.profiles:
             if path is None or p.blob_path == path:
                 busy |= p.look() == "busy"
+        if not busy:
+            self.rotator.check("blob or platform changed")
         if busy and tries:
             asyncio.get_running_loop().call_later(0.05, self.blob_changed, path, tries - 1)
         elif not busy:
@@ -319,9 +290,17 @@ class Daemon:
             log.error("reload refused: platform source unusable", error=str(e))
             self.notifier.ready("reload refused; old configuration in force")
             return
-        self.cfg, self.platform = cfg, platform
-        self.judge = Judge(self.trust, platform)
+        try:
+            setup = rotation.Setup.from_config(cfg, trust=self.ctx.trust, platform=platform)
+        except rotation.SetupError as e:
+            log.error("reload refused", error=str(e))
+            self.notifier.ready("reload refused; old configuration in force")
+            return
+        self.cfg, self.setup = cfg, setup
+        self.trust, self.platform, self.judge = setup.trust, setup.platform, setup.judge
         self.profiles = build_profiles(cfg, self.judge, self.profiles)
+        self.rotator.close()
+        self.rotator = rotation.Rotator(self.profiles.default, setup)
         for p in self.profiles:
             self._ensure_blob(p)
             p.look()
@@ -350,6 +329,7 @@ class Daemon:
         if watchdog is not None:
             watchdog.cancel()
         self.watcher.close()
+        self.rotator.close()
         self.profiles.close()
         log.info("certd stopped", leases_left=len(leases.live))
         self.notifier.close()

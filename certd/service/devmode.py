@@ -95,6 +95,9 @@ file = "{platform_path}"
 [trust]
 roots = ["{directory / 'dev-roots.pem'}"]   # development trust anchors, NOT AMD's
 
+[kds]
+base_url = ""
+
 [log]
 level = "debug"
 """)
