@@ -81,8 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="file to write (replaced atomically)")
     f.add_argument("--der", action="store_true",
                    help="write the bare VCEK (DER) instead of the blob")
-    f.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                   help="give up after S seconds of retrying (default: %(default)g)")
+    timeout_flag(f)
     f.set_defaults(func=run_fetch)
 
     pf = action("prefetch", "warm the cache for a TCB about to be installed",
@@ -91,8 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "share one KDS request.")
     pf.add_argument("--tcb", type=certinfo.tcb_arg, metavar="TCB",
                     help="bl=N,tee=N,snp=N,ucode=N[,fmc=N] (fmc on Turin only)")
-    pf.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                    help="give up after S seconds of retrying (default: %(default)g)")
+    timeout_flag(pf)
     pf.set_defaults(func=run_prefetch)
 
     e = action("export", "copy the cached VCEKs into trustee's offline store layout",
@@ -101,6 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                "8 bytes on Turin; SPLs two digits), the layout of trustee's OfflineStore.")
     e.add_argument("--trustee", metavar="DIR", required=True, help="trustee store root")
     e.set_defaults(func=run_export)
+
+
+def timeout_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help="give up after S seconds of retrying (default: %(default)g)")
 
 
 # --- shared --------------------------------------------------------------------------------
