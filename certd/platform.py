@@ -190,11 +190,6 @@ def save(p: Platform, path: str | Path) -> None:
 
 # --- /dev/sev (best effort; cannot run without SNP hardware) ----------------------------
 
-SEV_ISSUE_CMD = 0xC0105300  # _IOWR('S', 0, struct sev_issue_cmd), 16 bytes packed
-SEV_GET_ID2 = 8
-SNP_PLATFORM_STATUS = 9
-
-
 def product_from_cpuinfo(path: str = "/proc/cpuinfo") -> Product:
     """Product from the first CPU's family/model (what CPUID says; Siena/Bergamo -> Genoa)."""
     fam = model = None
@@ -220,14 +215,14 @@ def product_from_cpuinfo(path: str = "/proc/cpuinfo") -> Product:
 def read_dev_sev(path: str = "/dev/sev", *, product: Product | None = None) -> Platform:
     """Read SNP_PLATFORM_STATUS and GET_ID2 from the SEV firmware device.
 
-    Layouts (include/uapi/linux/psp-sev.h): sev_issue_cmd {u32 cmd; u64 data; u32 error}
-    packed; sev_user_data_snp_status 32 bytes (flags u32 at 8: bit0 mask_chip_id, bit2
-    vlek_en; current_tcb u64 at 16; reported_tcb u64 at 24); sev_user_data_get_id2
-    {u64 address; u32 length} packed. Untested here (no SNP host); kept small on purpose.
+    Both go through the one ioctl ``SEV_ISSUE_CMD``; the structures are decoded by the
+    pure functions of :mod:`certd.amd.sev` (docs/platform.md maps the fields). Untested
+    here beyond those decoders (no SNP host); kept small on purpose.
     """
     import ctypes
     import fcntl
-    import struct
+
+    from certd.amd import sev
 
     if not os.path.exists(path):
         raise PlatformError(f"{path} does not exist: this host has no SEV firmware interface "
@@ -236,11 +231,11 @@ def read_dev_sev(path: str = "/dev/sev", *, product: Product | None = None) -> P
     product = product or product_from_cpuinfo()
 
     def issue(fd: int, cmd: int, buf: ctypes.Array) -> None:
-        arg = bytearray(struct.pack("<IQI", cmd, ctypes.addressof(buf), 0))
+        arg = bytearray(sev.encode_issue_cmd(sev.IssueCmd(cmd, ctypes.addressof(buf))))
         try:
-            fcntl.ioctl(fd, SEV_ISSUE_CMD, arg, True)
+            fcntl.ioctl(fd, sev.SEV_ISSUE_CMD, arg, True)
         except OSError as e:
-            fw_error = struct.unpack_from("<I", arg, 12)[0]
+            fw_error = sev.decode_issue_cmd(bytes(arg)).error
             raise PlatformError(f"{path}: SEV command {cmd} failed: {e.strerror} "
                                 f"(firmware error 0x{fw_error:x})") from None
 
@@ -250,26 +245,26 @@ def read_dev_sev(path: str = "/dev/sev", *, product: Product | None = None) -> P
         raise PlatformError(f"cannot open {path}: {e.strerror} (needs root or the device's "
                             "group)") from None
     try:
-        status = ctypes.create_string_buffer(32)
-        issue(fd, SNP_PLATFORM_STATUS, status)
-        ident = ctypes.create_string_buffer(64)
-        id2 = ctypes.create_string_buffer(struct.pack("<QI", ctypes.addressof(ident), 64), 12)
-        issue(fd, SEV_GET_ID2, id2)
-        id_len = struct.unpack_from("<I", id2.raw, 8)[0]
+        status_buf = ctypes.create_string_buffer(sev.SNP_STATUS.size)
+        issue(fd, sev.SNP_PLATFORM_STATUS, status_buf)
+        ident = ctypes.create_string_buffer(sev.ID_BUFFER_LEN)
+        id2 = ctypes.create_string_buffer(
+            sev.encode_get_id2(ctypes.addressof(ident), sev.ID_BUFFER_LEN), sev.GET_ID2.size)
+        issue(fd, sev.SEV_GET_ID2, id2)
     finally:
         os.close(fd)
-    flags, = struct.unpack_from("<I", status.raw, 8)
-    current, reported = struct.unpack_from("<QQ", status.raw, 16)
-    chip_id = ident.raw[: min(id_len, 64)][: product.hwid_len]
-    if len(chip_id) != product.hwid_len:
-        raise PlatformError(f"{path}: GET_ID2 returned {id_len} bytes; a {product.value} "
-                            f"chip id has {product.hwid_len}")
+    try:
+        status = sev.decode_snp_status(status_buf.raw)
+        _, id_len = sev.decode_get_id2(id2.raw)
+        chip_id = sev.chip_id_from_id_buffer(ident.raw, id_len, product)
+    except sev.SevError as e:
+        raise PlatformError(f"{path}: {e}") from None
     return Platform(product=product,
-                    reported_tcb=tcbmod.decode(reported, product),
-                    current_tcb=tcbmod.decode(current, product),
+                    reported_tcb=status.reported_tcb(product),
+                    current_tcb=status.current_tcb(product),
                     chip_id=chip_id,
-                    mask_chip_id=bool(flags & 1),
-                    signing_key="vlek" if flags & 4 else "vcek")
+                    mask_chip_id=status.mask_chip_id,
+                    signing_key="vlek" if status.vlek_en else "vcek")
 
 
 # --- the platform as observed now -------------------------------------------------------
