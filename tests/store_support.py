@@ -3,6 +3,7 @@ matching platform files, certctl as a subprocess, the QEMU-style C reader."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import select
@@ -71,7 +72,7 @@ def milan_platform(blob: bytes, **over):
 def moved_tcb(p):
     """``p`` after a firmware update: another reported TCB, so its VCEK no longer fits."""
     t = p.reported_tcb
-    return p.replace(reported_tcb=t.replace(snp=t.snp + 1))
+    return p.replace(reported_tcb=dataclasses.replace(t, snp=t.snp + 1))
 
 
 def certctl(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
