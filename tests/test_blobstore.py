@@ -7,7 +7,6 @@ import errno
 import os
 import pathlib
 import subprocess
-import uuid
 
 import pytest
 
