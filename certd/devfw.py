@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 
 from certd import exitcodes, platform as platformmod
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("platform_file", metavar="PLATFORM_FILE")
     for f in FIELDS:
         ap.add_argument(f"--{f}", metavar="N|+N|-N", help=f"new {f} SPL, or a step")
+    ap.add_argument("--stamp", metavar="FILE",
+                    help="write CLOCK_MONOTONIC (ns) of the instant the TCB changed to FILE "
+                         "(simulators and tests compare it with what guests received)")
     ap.add_argument("--signing-key", choices=platformmod.SIGNING_KEYS,
                     help="what the firmware signs with from now on (vcek, or vlek once loaded)")
     args = ap.parse_args(argv)
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         p = p.replace(reported_tcb=tcb, current_tcb=tcb,
                       signing_key=args.signing_key or p.signing_key)
         platformmod.save(p, args.platform_file)
+        changed_ns = time.monotonic_ns()
+        if args.stamp:
+            with open(args.stamp, "w") as f:
+                f.write(f"{changed_ns}\n")
     except (platformmod.PlatformError, ValueError) as e:
         print(f"devfw: {e}", file=sys.stderr)
         return exitcodes.DATAERR

@@ -301,6 +301,7 @@ class Daemon:
         self.profiles = build_profiles(cfg, self.judge, self.profiles)
         self.rotator.close()
         self.rotator = rotation.Rotator(self.profiles.default, setup)
+        self.rotator.check("reload")
         for p in self.profiles:
             self._ensure_blob(p)
             p.look()
