@@ -49,6 +49,9 @@ class Profile:
     generation: int = 0
     problems: Sequence[Problem] = ()
     current: SharedHold | None = None
+    #: True once a look at the path reached a verdict (serve, empty or invalid); an update
+    #: holding the lock at every look so far leaves it False (/readyz waits for it).
+    decided: bool = False
     _key: tuple[int, int, int, int] | None = None
     _table: bytes = table.EMPTY_TABLE
     _lock: locks.BlobLock = field(init=False)
@@ -112,7 +115,8 @@ class Profile:
         self._table = served
         self.problems = problems
         if changed:
-            self.on_change(self)
+            self.on_change(self)  # sees decided still False on the first verdict
+        self.decided = True
 
     def refresh(self) -> bool:
         """Look at the file now (for status and logs) without keeping a hold; False if an
