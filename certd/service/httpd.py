@@ -70,6 +70,11 @@ class HttpServer:
         self._clients: set[asyncio.Task] = set()
         self._unix: tuple[socket.socket, str, tuple[int, int]] | None = None
 
+    @property
+    def clients(self) -> int:
+        """Connections being served now."""
+        return len(self._clients)
+
     async def start(self, address: tuple[str, str, int] | None, socket_mode: int = 0o660) -> None:
         """Listen on ``address`` (see :attr:`certd.config.MetricsConfig.address`); None:
         do nothing. Raises :class:`unixsock.BindError`."""
