@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -246,6 +247,25 @@ def test_readyz_waits_until_every_profile_is_decided(tmp_path):
         assert http_get(where, "/readyz")[0] == 200
     finally:
         assert d.stop() == 0
+
+
+def test_a_reload_keeps_the_listener_and_adds_the_new_profile(tcp_daemon):
+    d = tcp_daemon
+    vlek = d.dir / "vlek.blob"
+    d.config_path.write_text(d.config_text + f"""
+[[profile]]
+name = "vlek"
+blob = "{vlek}"
+vms = ["tenant-*"]
+""")
+    d.proc.send_signal(signal.SIGHUP)
+    assert "reloaded" in d.notify.wait_for("READY=1")
+    m = scrape(d.where)
+    assert value(m, "certd_profile_state", profile="vlek", state="empty") == 1
+    assert value(m, "certd_profile_state", profile="default", state="serving") == 1
+    # looked at during the reload, not left for the first GET: ready at once
+    assert http_get(d.where, "/readyz")[0] == 200
+    assert value(m, "certd_rotations_total", source="file", result="empty") is None
 
 
 def test_an_empty_profile_is_ready_but_not_serving(tmp_path):

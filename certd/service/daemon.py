@@ -244,6 +244,7 @@ class Daemon:
         srv.leases.timeout = srv.limits.lease_timeout
         srv.rate = access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst)
         self.watch()
+        self.blob_changed(None)  # look at every blob now: a profile just added is decided
         log.info("configuration reloaded", config=self.config_path)
         self.notifier.ready("reloaded; " + self.status_line())
 
