@@ -68,7 +68,7 @@ class HttpServer:
         self.url: str | None = None
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task] = set()
-        self._unix: tuple[socket.socket, str, tuple[int, int]] | None = None
+        self._unix: tuple[str, tuple[int, int]] | None = None  # path, (st_dev, st_ino)
 
     @property
     def clients(self) -> int:
@@ -84,7 +84,7 @@ class HttpServer:
         if kind == "unix":
             sock = unixsock.bind(host, socket_mode, backlog=64)
             info = os.stat(host)
-            self._unix = (sock, host, (info.st_dev, info.st_ino))
+            self._unix = (host, (info.st_dev, info.st_ino))
             self._server = await asyncio.start_unix_server(self._client, sock=sock,
                                                            limit=MAX_HEAD)
             self.url = f"unix:{host}"
@@ -112,10 +112,11 @@ class HttpServer:
         self._server = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if len(self._clients) >= MAX_CLIENTS or task is None:
+        if len(self._clients) >= MAX_CLIENTS:
             writer.transport.abort()
             return
+        task = asyncio.current_task()
+        assert task is not None  # asyncio runs each client callback as a task
         self._clients.add(task)
         closed = False
         try:

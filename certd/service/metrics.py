@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, \
     HistogramMetricFamily, Metric
 
 from certd import __version__
-from certd.abi import table, wire
+from certd.abi import wire
 from certd.service import health, httpd
 
 if TYPE_CHECKING:

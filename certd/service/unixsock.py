@@ -54,7 +54,7 @@ def bind(path: str, mode: int, gid: int | None = None, backlog: int = 1024) -> s
     return sock
 
 
-def unlink_if_ours(sock: socket.socket, path: str, ident: tuple[int, int]) -> None:
+def unlink_if_ours(path: str, ident: tuple[int, int]) -> None:
     """Remove ``path`` at exit if it is still the socket we bound (``ident`` = its
     (st_dev, st_ino) right after binding), not one a newer process put there."""
     try:
