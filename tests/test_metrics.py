@@ -390,7 +390,8 @@ async def test_a_silent_client_gets_408_and_is_dropped(fast_httpd):
         await srv.close()
 
 
-async def test_clients_beyond_the_limit_are_closed_unanswered():
+async def test_clients_beyond_the_limit_are_closed_unanswered(monkeypatch):
+    monkeypatch.setattr(httpd, "TIMEOUT", 60)  # the first ones stay while the test runs
     srv, port = await _start({"/x": lambda: (200, "text/plain", b"x")})
     conns = []
     try:
