@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,10 @@ class DevSetup:
     def blob(self) -> Path:
         return self.directory / "certs.blob"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.metrics.listen}/metrics"
+
     def banner(self) -> str:
         d, q = self.directory, lambda p: shlex.quote(str(p))
         p = self.psp.platform
@@ -46,6 +51,7 @@ class DevSetup:
   generated AMD-like PKI ({p.product.value}), simulated platform, TCB {p.reported_tcb}
   socket   {self.socket}
   blob     {self.blob}   (a stock QEMU may read it: certs-filename=)
+  metrics  {self.metrics_url}   (also /healthz, /readyz)
   config   {self.config_path}
   roots    {d / 'dev-roots.pem'}   (development trust anchors, NOT AMD's)
   report   {d / 'report.bin'}   (signed by the simulated PSP)
@@ -110,8 +116,19 @@ max_backoff_s = 5.0
 
 [log]
 level = "debug"
+
+[metrics]
+listen = "127.0.0.1:{_free_port()}"
 """)
     return DevSetup(directory, config_path, configmod.load(config_path), pki.trust, psp, kds)
+
+
+def _free_port() -> int:
+    # Asked of the kernel now and bound again at start: another process could take it in
+    # between, which certd reports (exit 69) rather than serving elsewhere.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def print_banner(setup: DevSetup) -> None:
