@@ -135,7 +135,7 @@ def test_dev_mode_end_to_end(tmp_path):
         while not (line := proc.stdout.readline()).startswith("Ctrl-C"):
             banner.append(line)
         commands = [l.strip() for l in banner if l.strip().startswith(str(BIN / "certctl"))]
-        assert len(commands) == 4, banner
+        assert len(commands) == 5, banner  # fetch, status, show, verify, fw-update
         urls = [l.split()[1] for l in banner if l.startswith("  metrics  ")]  # metrics on
         assert len(urls) == 1 and re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", urls[0])
         with urllib.request.urlopen(urls[0], timeout=10) as r:
@@ -145,9 +145,17 @@ def test_dev_mode_end_to_end(tmp_path):
         for cmd in [fetch] + commands[1:]:
             r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, (cmd, r.stdout, r.stderr)
-        assert (tmp_path / "t.bin").read_bytes() == (tmp_path / "dev" / "certs.blob").read_bytes()
         assert re.search(r"ret=0 .* lease=\d+", subprocess.run(
             fetch, shell=True, capture_output=True, text=True, timeout=60).stdout)
+        assert (tmp_path / "t.bin").read_bytes() == (tmp_path / "dev" / "certs.blob").read_bytes()
+        # After the banner's fw-update the served blob fits the moved platform.
+        dev = tmp_path / "dev"
+        r = subprocess.run([str(BIN / "certctl"), "verify", str(tmp_path / "t.bin"), "--roots",
+                            str(dev / "dev-roots.pem"), "--platform", str(dev / "platform.toml")],
+                           capture_output=True, text=True, timeout=60)
+        assert "snp=9" in (dev / "platform.toml").read_text() or "snp = 9" in \
+            (dev / "platform.toml").read_text()
+        assert r.returncode == 0, r.stdout + r.stderr
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
