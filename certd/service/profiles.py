@@ -33,6 +33,7 @@ import fnmatch
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable, Iterator, Sequence
 
 import structlog
@@ -82,7 +83,20 @@ class Judge:
             return [Problem("platform", f"platform identity unreadable "
                                         f"({self.platform.error}); nothing can be checked")]
         plat = None if self.platform is None else self.platform.current
-        return policy.check_blob(blob, trust=self.trust, platform=plat)
+        at = datetime.fromtimestamp(time.time(), timezone.utc)  # the clock verdicts expire by
+        return policy.check_blob(blob, trust=self.trust, platform=plat, at=at)
+
+
+def valid_until(blob: bytes) -> float:
+    """The wall-clock time (epoch seconds) at which a verdict on ``blob`` runs out: the
+    earliest notAfter of its certificates and nextUpdate of its CRL (inf: none)."""
+    if blob == table.EMPTY_TABLE:
+        return float("inf")
+    c = policy.parse_blob(blob)
+    ends = [x.not_after.timestamp() for x in (c.ark, c.intermediate, c.leaf) if x is not None]
+    if c.crl is not None and c.crl.crl.next_update_utc is not None:
+        ends.append(c.crl.crl.next_update_utc.timestamp())
+    return min(ends, default=float("inf"))
 
 
 @dataclass
@@ -115,7 +129,8 @@ class Profile:
     decided: bool = False
     store: blobstore.BlobStore = field(init=False)
     _served: bytes = table.EMPTY_TABLE
-    _judged: tuple[object, int, bytes] | None = None  # (judge, epoch, bytes) of the verdict
+    #: (judge, epoch, bytes, valid until (wall clock)) of the last verdict.
+    _judged: tuple[object, int, bytes, float] | None = None
     _draining: SharedHold | None = None  # retired by age: wait for it, then the gap
     _gap_until: float = 0.0
     _settling: bool = False
@@ -167,6 +182,8 @@ class Profile:
             return "judged under another platform or configuration"
         if now - hold.opened > self.holds.max_age and not faults.unsafe("hold-age"):
             return "age"
+        if time.time() >= hold.valid_until:
+            return "a certificate or the CRL in it is no longer valid"
         if faults.unsafe("inode-check"):
             return None
         try:
@@ -216,19 +233,21 @@ class Profile:
             lock.release()
             return self._io_failure(e, "reading")
         judge = self.judge
-        if self._judged is not None and self._judged == (judge, judge.epoch, blob):
+        j = self._judged
+        if j is not None and j[:3] == (judge, judge.epoch, blob) and time.time() < j[3]:
             problems = list(self.problems)
         else:
             problems = judge.problems(blob) if blob != table.EMPTY_TABLE else []
-            self._judged = (judge, judge.epoch, blob)
-        epoch = judge.epoch
+            self._judged = (judge, judge.epoch, blob, valid_until(blob))
+        epoch, until = judge.epoch, self._judged[3]
         if problems or blob == table.EMPTY_TABLE:
             lock.release()
             self._decide(table.EMPTY_TABLE, problems, "invalid" if problems else "empty")
             return EMPTY
         self._decide(blob, (), "serving")
         self.current = SharedHold(lock, blob, self.generation, judge=judge, epoch=epoch,
-                                  opened=now, on_idle=self._idle, on_close=self._closed)
+                                  opened=now, valid_until=until, on_idle=self._idle,
+                                  on_close=self._closed)
         return self.current
 
     def _io_failure(self, e: OSError, doing: str) -> str:
