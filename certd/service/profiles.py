@@ -248,6 +248,7 @@ class Profile:
         self.current = SharedHold(lock, blob, self.generation, judge=judge, epoch=epoch,
                                   opened=now, valid_until=until, on_idle=self._idle,
                                   on_close=self._closed)
+        self._arm_idle(self.current)  # a hold no lease takes must not keep the lock
         return self.current
 
     def _io_failure(self, e: OSError, doing: str) -> str:
@@ -274,17 +275,20 @@ class Profile:
 
     def _idle(self, hold: SharedHold) -> None:
         """The last lease of ``hold`` ended."""
-        if hold is not self.current:
+        if hold is not self.current or not self._arm_idle(hold):
             hold.close()
-            return
+
+    def _arm_idle(self, hold: SharedHold) -> bool:
+        """Close ``hold`` once it has had no lease for ``holds.idle``; False if there is
+        no event loop to time it (the caller decides)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            hold.close()
-            return
+            return False
         hold.idle_since = time.monotonic()
         if hold.idle_timer is None:
             hold.idle_timer = loop.call_later(self.holds.idle, self._idle_check, hold, loop)
+        return True
 
     def _idle_check(self, hold: SharedHold, loop: asyncio.AbstractEventLoop) -> None:
         hold.idle_timer = None
