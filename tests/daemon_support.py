@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from certd import platform as platformmod, policy
 from certd.abi.product import Product
@@ -197,3 +198,196 @@ class TableOnlyJudge:
         except table.TableError as e:
             return [Problem("format", str(e))]
         return []
+
+
+# --- helpers for the boundary tests (issue 7) -------------------------------------------
+
+def with_server_keys(text: str, **keys: object) -> str:
+    """``text`` (from :func:`config_text`) with more ``[server]`` keys (TOML values given as
+    Python ints/strs), e.g. ``hold_max_age_ms=60000``."""
+    lines = "".join(f"{k} = {v if not isinstance(v, str) else repr(v)}\n" for k, v in keys.items())
+    assert "[server]\n" in text
+    return text.replace("[server]\n", "[server]\n" + lines, 1)
+
+
+def fd_count(pid: int) -> int:
+    """Descriptors open in process ``pid`` now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+#: A real certd daemon (certd.service.daemon.run, as ``certd --config`` runs it) that trusts
+#: the development PKI whose ARK, ASK and ASVK are in a PEM file instead of AMD's pinned
+#: roots: what ``certd --dev`` does, on a configuration the test writes. The daemon has no
+#: ``[trust]`` key, so this is the only way to serve blobs a test can mint at will.
+DEV_LAUNCHER = """
+import sys
+from pathlib import Path
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from certd import config as configmod, logs
+from certd.abi.product import Product
+from certd.amd.roots import Roots, TrustStore
+from certd.service import daemon
+cfg_path, roots_pem, product = sys.argv[1:4]
+ark, ask, asvk = x509.load_pem_x509_certificates(Path(roots_pem).read_bytes())
+trust = TrustStore([Roots(Product.parse(product), ark, ask, asvk)], name="test development")
+cfg = configmod.load(cfg_path)
+logs.configure(cfg.log.level, cfg.log.format)
+sys.exit(daemon.run(cfg, cfg_path, daemon.Context(trust=trust)))
+"""
+
+
+@dataclass
+class DevDaemonProc(DaemonProc):
+    """A :class:`DaemonProc` run by :data:`DEV_LAUNCHER` (development trust anchors)."""
+
+    roots_pem: Path | None = None
+    product: str = "Milan"
+
+    def start(self, extra_env: dict[str, str] | None = None, argv: list[str] | None = None,
+              wait: bool = True) -> "DaemonProc":
+        argv = argv or [sys.executable, "-c", DEV_LAUNCHER, str(self.config_path),
+                        str(self.roots_pem), self.product]
+        return super().start(extra_env=extra_env, argv=argv, wait=wait)
+
+
+def make_dev_daemon(directory: Path, pki, platform: Platform, *, blob: bytes | None,
+                    **kw) -> DevDaemonProc:
+    """A daemon judging with ``pki``'s trust anchors (a certd.devpki.DevPki) on the platform
+    file ``directory/platform.toml`` holding ``platform``; ``blob`` at the blob path (None:
+    no file). ``kw`` as for :func:`config_text`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pf = directory / "platform.toml"
+    platformmod.save(platform, pf)
+    roots_pem = directory / "dev-roots.pem"
+    roots_pem.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                                   for c in (pki.ark, pki.ask, pki.asvk)))
+    if blob is not None:
+        (directory / "certs.blob").write_bytes(blob)
+    return DevDaemonProc(directory, config_text(directory, platform_file=pf, **kw),
+                         roots_pem=roots_pem, product=pki.product.value)
+
+
+def dev_vcek_blob(pki, platform: Platform) -> bytes:
+    """A valid development blob for ``platform``: a fresh VCEK (new key each call, so two
+    calls give two different valid blobs, of the same size) built through the policy."""
+    leaf, _ = pki.issue_vcek(platform.reported_tcb, platform.chip_id)
+    return policy.build_blob(pki.ark, pki.ask, leaf, trust=pki.trust, platform=platform)
+
+
+def dev_vlek_blob(pki, platform: Platform) -> bytes:
+    """A VLEK blob for ``platform``'s TCB (ASVK chain), encoded without validation (it is
+    valid exactly when the platform's signing key is the VLEK)."""
+    from certd import devpki
+    leaf, _ = pki.issue_vlek(platform.reported_tcb)
+    return devpki.blob(pki.ark, pki.asvk, leaf, vlek=True)
+
+
+def status_of(socket_path: str) -> dict:
+    """One STATUS on a fresh connection."""
+    from certd import client as clientmod
+    with clientmod.Client(socket_path) as c:
+        return c.status()
+
+
+def reload(d: DaemonProc, config_text: str | None = None) -> str:
+    """Rewrite the configuration (if given), SIGHUP, and wait for RELOADING=1 then READY=1;
+    returns the READY datagram."""
+    if config_text is not None:
+        d.config_path.write_text(config_text)
+    d.proc.send_signal(signal.SIGHUP)
+    d.notify.wait_for("RELOADING=1")
+    return d.notify.wait_for("READY=1")
+
+
+def make_vector_daemon(directory: Path, platform: Platform, *, blob: bytes | None,
+                       **kw) -> DaemonProc:
+    """Like :func:`make_daemon` (pinned AMD roots) on a given platform and blob."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pf = directory / "platform.toml"
+    platformmod.save(platform, pf)
+    if blob is not None:
+        (directory / "certs.blob").write_bytes(blob)
+    return DaemonProc(directory, config_text(directory, platform_file=pf, **kw))
+
+
+#: [server] keys that keep the per-VM rate limiter out of the way of load loops (the
+#: configuration refuses 0; these are the largest accepted values).
+NO_RATE_LIMIT = {"rate_per_vm": 1000000, "rate_burst": 1048576}
+
+
+class OverlappingLeases:
+    """Two connections, in a thread, keep leases overlapping for as long as they run: each
+    GET is sent while the previous lease is still live and that lease is released only
+    after the GET is answered, so a shared hold never drains by itself.
+
+    ``results``: ``(monotonic time the GET was sent, ret, lease_id, table)`` per GET."""
+
+    def __init__(self, socket_path: str, vm_id: str = "vm-busy", npages: int = 4):
+        import threading
+        self.socket_path, self.vm_id, self.npages = socket_path, vm_id, npages
+        self.results: list[tuple[float, int, int, bytes]] = []
+        self._stop = threading.Event()
+        self._first = threading.Event()
+        self._more = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from certd import client as clientmod
+        clients = [clientmod.Client(self.socket_path) for _ in range(2)]
+        try:
+            prev = None
+            i = 0
+            while not self._stop.is_set():
+                c = clients[i % 2]
+                i += 1
+                t = time.monotonic()
+                r = c.get(self.vm_id, self.npages)
+                with self._more:
+                    self.results.append((t, r.ret, r.lease_id, r.table))
+                    self._more.notify_all()
+                if prev is not None:
+                    prev[0].release(prev[1])
+                prev = (c, r.lease_id) if r.lease_id else None
+                self._first.set()
+            if prev is not None:
+                prev[0].release(prev[1])
+        except BaseException as e:  # reported by stop()
+            self._error = e
+            self._first.set()
+        finally:
+            for c in clients:
+                c.close()
+
+    def __enter__(self) -> "OverlappingLeases":
+        self._thread.start()
+        if not self._first.wait(20):
+            raise TimeoutError("the leasing clients got no answer within 20 s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(20)
+        assert not self._thread.is_alive(), "the leasing clients did not stop"
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+    def wait_count(self, n: int, timeout: float = 20.0) -> None:
+        """Block until ``n`` GETs have been answered."""
+        with self._more:
+            if not self._more.wait_for(lambda: len(self.results) >= n or self._error,
+                                       timeout):
+                raise TimeoutError(f"{len(self.results)} of {n} GETs answered in {timeout} s")
+        if self._error is not None:
+            raise self._error
+
+    def before(self, t: float) -> list[tuple[float, int, int, bytes]]:
+        """The GETs sent before ``t``."""
+        return [r for r in list(self.results) if r[0] < t]
+
+    def since(self, t: float) -> list[tuple[float, int, int, bytes]]:
+        """The GETs sent after ``t`` (so answered after anything the daemon did before)."""
+        return [r for r in list(self.results) if r[0] > t]

@@ -1,0 +1,174 @@
+"""Never wrong at every boundary (issue 7), against real certd processes.
+
+Each invariant test has its negative control: the same scenario with the protection
+switched off in the daemon process (``CERTD_UNSAFE=<name>``, certd/faults.py) must serve
+what the invariant forbids, and the control asserts that it does.
+
+Where only an epoch, inode or content check could save the day, the hold's maximum age is
+set far beyond the test's length (``hold_max_age_ms = 60000``): otherwise a hold retired
+by age would hide the missing check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from certd import client as clientmod, devpki, platform as platformmod, policy
+from certd.abi import table
+from certd.amd import roots
+from certd.abi.tcb import Tcb
+from tests.daemon_support import (BIN, NO_RATE_LIMIT, VECTORS, DaemonProc, OverlappingLeases,
+                                  make_daemon, make_dev_daemon, make_vector_daemon,
+                                  dev_vcek_blob, dev_vlek_blob, reload, status_of,
+                                  vector_blob, vector_platform, with_server_keys)
+from tests.vector_pairs import VLEK_AT
+
+#: No hold retires by age within a test: only the check under test can stop a stale hold.
+NO_AGE = {"hold_max_age_ms": 60000}
+
+
+def gets(socket_path: str, n: int = 5, vm: str = "vm-new") -> list[clientmod.GetResult]:
+    """``n`` new GETs on a fresh connection; each lease is released after the next GET is
+    answered (so they too overlap the live hold)."""
+    out = []
+    with clientmod.Client(socket_path) as c:
+        for _ in range(n):
+            out.append(c.get(vm, 4))
+        for r in out:
+            if r.lease_id:
+                c.release(r.lease_id)
+    return out
+
+
+def stopped(d: DaemonProc) -> str:
+    """Stop ``d`` (asserting a clean exit) and return its log."""
+    rc = d.stop()
+    log = d.log()
+    assert rc == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    return log
+
+
+# --- item 2: a platform change reaches the very next lease -------------------------------
+
+def other_tcb(p: platformmod.Platform) -> platformmod.Platform:
+    t = p.reported_tcb
+    return p.replace(reported_tcb=Tcb(bl=t.bl, tee=t.tee, snp=t.snp + 1, ucode=t.ucode),
+                     current_tcb=None)
+
+
+def platform_change_by_sighup(d: DaemonProc) -> tuple[float, float]:
+    """Point the configuration at a NEW platform file (so neither inotify nor the look at
+    every new hold sees it: only the reload does) whose TCB no longer fits the blob, SIGHUP;
+    returns the times just before the SIGHUP and when READY=1 was received."""
+    new = d.dir / "platform-after.toml"
+    platformmod.save(other_tcb(platformmod.load(d.dir / "platform.toml")), new)
+    text = d.config_path.read_text().replace(str(d.dir / "platform.toml"), str(new))
+    assert str(new) in text
+    d.config_path.write_text(text)
+    sighup = time.monotonic()
+    assert "reloaded" in reload(d)
+    return sighup, time.monotonic()
+
+
+def overlapping(d: DaemonProc, busy: OverlappingLeases, old: bytes) -> None:
+    """Precondition: the leasing clients are at it, served ``old``, with a lease live."""
+    busy.wait_count(20)
+    assert all(r[3] == old and r[2] for r in busy.results), "the old blob was not served"
+    st = status_of(d.socket)
+    assert st["profiles"][0]["state"] == "serving" and st["leases"] >= 1, st
+
+
+def start_busy_daemon(tmp_path: Path, unsafe: str, server: dict) -> tuple[DaemonProc, bytes]:
+    d = make_daemon(tmp_path / "d", lease_timeout_ms=20000)
+    d.config_text = with_server_keys(d.config_text, **NO_RATE_LIMIT, **server)
+    d.start(extra_env={"CERTD_UNSAFE": unsafe} if unsafe else None)
+    return d, d.blob.read_bytes()
+
+
+@pytest.mark.parametrize("server", [{}, NO_AGE], ids=["default-age", "no-age"])
+def test_sighup_platform_change_reaches_the_next_lease(tmp_path, server):
+    d, old = start_busy_daemon(tmp_path, "", server)
+    try:
+        with OverlappingLeases(d.socket) as busy:
+            overlapping(d, busy, old)
+            sighup, ready = platform_change_by_sighup(d)
+            after = gets(d.socket)
+            st = status_of(d.socket)
+        assert [(r.ret, r.lease_id, r.table) for r in after] == [(0, 0, table.EMPTY_TABLE)] * 5
+        prof = st["profiles"][0]
+        assert prof["state"] == "invalid", prof
+        assert any(p.startswith("tcb") for p in prof["problems"]), prof
+        late = busy.since(ready)
+        assert late and all(r[3] == table.EMPTY_TABLE and r[2] == 0 for r in late)
+        early = busy.before(sighup)
+        assert all(r[3] == old for r in early)
+        print(f"platform change by SIGHUP, hold_max_age_ms "
+              f"{server.get('hold_max_age_ms', 100)}: {len(early)} overlapping GETs served "
+              f"the old blob, then {len(late)} sent after READY: all the empty table")
+    finally:
+        stopped(d)
+
+
+@pytest.mark.parametrize("unsafe,server", [("hold-epoch", NO_AGE),
+                                           ("hold-epoch,hold-age", {})],
+                         ids=["hold-epoch", "hold-epoch+hold-age"])
+def test_control_sighup_platform_change_without_the_epoch_check_serves_stale(
+        tmp_path, unsafe, server):
+    d, old = start_busy_daemon(tmp_path, unsafe, server)
+    try:
+        with OverlappingLeases(d.socket) as busy:
+            overlapping(d, busy, old)
+            _, ready = platform_change_by_sighup(d)
+            after = gets(d.socket)
+        # The protection off: the hold validated under the old platform keeps taking leases.
+        assert all(r.ret == 0 and r.lease_id and r.table == old for r in after), after
+        assert all(r[3] == old for r in busy.since(ready))
+    finally:
+        stopped(d)
+
+
+def platform_change_in_place(d: DaemonProc) -> None:
+    """Rewrite the platform file at its path (as a firmware update makes /dev/sev say
+    something new): the daemon sees it by inotify and says so in a STATUS notification."""
+    pf = d.dir / "platform.toml"
+    platformmod.save(other_tcb(platformmod.load(pf)), pf)
+    d.notify.wait_for("STATUS=")
+
+
+def test_platform_file_change_reaches_the_next_lease(tmp_path):
+    d, old = start_busy_daemon(tmp_path, "", NO_AGE)
+    try:
+        with OverlappingLeases(d.socket) as busy:
+            overlapping(d, busy, old)
+            platform_change_in_place(d)
+            seen = time.monotonic()
+            after = gets(d.socket)
+            st = status_of(d.socket)["profiles"][0]
+        assert [r.table for r in after] == [table.EMPTY_TABLE] * 5
+        assert st["state"] == "invalid"
+        assert all(r[3] == table.EMPTY_TABLE for r in busy.since(seen))
+    finally:
+        log = stopped(d)
+    assert "platform identity changed" in log
+
+
+def test_control_platform_file_change_without_the_epoch_check_serves_stale(tmp_path):
+    d, old = start_busy_daemon(tmp_path, "hold-epoch", NO_AGE)
+    try:
+        with OverlappingLeases(d.socket) as busy:
+            overlapping(d, busy, old)
+            platform_change_in_place(d)
+            after = gets(d.socket)
+        assert all(r.table == old for r in after)
+    finally:
+        log = stopped(d)
+    assert "platform identity changed" in log
