@@ -172,3 +172,102 @@ def test_control_platform_file_change_without_the_epoch_check_serves_stale(tmp_p
     finally:
         log = stopped(d)
     assert "platform identity changed" in log
+
+
+# --- item 3: the daemon checks exactly what certctl verify checks ------------------------
+
+def vlek_profile(d: DaemonProc, blob_path: Path) -> None:
+    """A per-VM profile serving ``blob_path`` to VMs ``vm-vlek-*`` (the default profile
+    keeps the blob path of ``d``)."""
+    d.config_text += (f'\n[[profile]]\nname = "vlek"\nblob = "{blob_path}"\n'
+                      f'vms = ["vm-vlek-*"]\n')
+
+
+def certctl_verify(blob: Path, platform_file: Path, *extra: str) -> tuple[int, list[str]]:
+    p = subprocess.run([str(BIN / "certctl"), "verify", str(blob), "--platform",
+                        str(platform_file), "--json", *extra],
+                       capture_output=True, text=True, timeout=60)
+    doc = json.loads(p.stdout)
+    assert doc["exit_code"] == p.returncode, (p.stdout, p.stderr)
+    return p.returncode, [f"{x['check']}: {x['message']}" for x in doc["problems"]]
+
+
+def vlek_profile_status(d: DaemonProc) -> dict:
+    return next(p for p in status_of(d.socket)["profiles"] if p["name"] == "vlek")
+
+
+@pytest.mark.parametrize("signing_key", ["vcek", "vlek"])
+def test_real_vlek_blob_is_judged_as_certctl_verify_judges_it(tmp_path, signing_key):
+    """AMD's real VLEK (expired by now: VLEKs are 1-year certificates) in a per-VM profile:
+    the daemon's problems are exactly certctl verify's, for the same platform file, and a
+    platform signing with its VCEK adds the signing-key problem (the daemon no longer takes
+    the signing key from the blob's leaf)."""
+    asvk, ark = x509.load_pem_x509_certificates(
+        (VECTORS / "milan_vlek_cert_chain.pem").read_bytes())
+    leaf = (VECTORS / "milan_vlek.der").read_bytes()
+    vlek_platform = vector_platform("milan_vlek_report.bin").replace(signing_key="vlek")
+    blob = policy.build_blob(ark, asvk, leaf, trust=roots.pinned(), platform=vlek_platform,
+                             at=VLEK_AT)  # precondition: valid back then on a VLEK platform
+    d = make_vector_daemon(tmp_path / "d", vlek_platform.replace(signing_key=signing_key),
+                           blob=None)
+    vblob = d.dir / "vlek.blob"
+    vblob.write_bytes(blob)
+    vlek_profile(d, vblob)
+    d.start()
+    try:
+        with clientmod.Client(d.socket) as c:
+            r = c.get("vm-vlek-1", 4)
+        assert (r.ret, r.lease_id, r.table) == (0, 0, table.EMPTY_TABLE)  # expired: never
+        st = vlek_profile_status(d)
+    finally:
+        stopped(d)
+    code, problems = certctl_verify(vblob, d.dir / "platform.toml")
+    assert st["state"] == "invalid" and code != 0
+    assert sorted(st["problems"]) == sorted(problems)
+    checks = {p.split(":")[0] for p in problems}
+    assert "validity" in checks
+    assert ("signing_key" in checks) == (signing_key == "vcek"), problems
+    # Back when the VLEK was valid, certctl agrees that only the signing key was wrong.
+    code, then = certctl_verify(vblob, d.dir / "platform.toml", "--at", "2025-03-01")
+    assert {p.split(":")[0] for p in then} == ({"signing_key"} if signing_key == "vcek"
+                                               else set()), then
+
+
+@pytest.fixture(scope="module")
+def vlek_pki():
+    return devpki.DevPki.generate(name="issue7-vlek")
+
+
+@pytest.mark.parametrize("signing_key", ["vcek", "vlek"])
+def test_vlek_blob_is_served_only_where_the_platform_signs_with_its_vlek(
+        tmp_path, vlek_pki, signing_key):
+    """A valid (development) VLEK blob in a per-VM profile: served exactly when the
+    platform's signing key is the VLEK, and certctl verify says the same. signing_key
+    "vlek" is the positive control: the blob is otherwise fine."""
+    vlek_platform = devpki.make_platform(vlek=True)
+    blob = dev_vlek_blob(vlek_pki, vlek_platform)
+    platform = vlek_platform.replace(signing_key=signing_key)
+    d = make_dev_daemon(tmp_path / "d", vlek_pki, platform, blob=dev_vcek_blob(
+        vlek_pki, vlek_platform.replace(signing_key="vcek")))
+    vblob = d.dir / "vlek.blob"
+    vblob.write_bytes(blob)
+    vlek_profile(d, vblob)
+    d.start()
+    try:
+        with clientmod.Client(d.socket) as c:
+            r = c.get("vm-vlek-1", 4)
+            if r.lease_id:
+                c.release(r.lease_id)
+        st = vlek_profile_status(d)
+    finally:
+        stopped(d)
+    code, problems = certctl_verify(vblob, d.dir / "platform.toml", "--roots",
+                                    str(d.dir / "dev-roots.pem"))
+    assert sorted(st["problems"]) == sorted(problems)
+    if signing_key == "vlek":
+        assert (r.ret, r.table) == (0, blob) and r.lease_id > 0
+        assert st["state"] == "serving" and code == 0
+    else:
+        assert (r.ret, r.lease_id, r.table) == (0, 0, table.EMPTY_TABLE)
+        assert st["state"] == "invalid" and code != 0
+        assert [p.split(":")[0] for p in problems] == ["signing_key"], problems
