@@ -271,3 +271,207 @@ def test_vlek_blob_is_served_only_where_the_platform_signs_with_its_vlek(
         assert (r.ret, r.lease_id, r.table) == (0, 0, table.EMPTY_TABLE)
         assert st["state"] == "invalid" and code != 0
         assert [p.split(":")[0] for p in problems] == ["signing_key"], problems
+
+
+# --- items 6 and 7: what is served equals what the path holds now ------------------------
+
+@pytest.fixture(scope="module")
+def pki():
+    return devpki.DevPki.generate(name="issue7-files")
+
+
+class LiveLease:
+    """One lease held on its own connection for the whole block (so the hold stays)."""
+
+    def __init__(self, socket_path: str):
+        self.c = clientmod.Client(socket_path)
+
+    def __enter__(self) -> clientmod.GetResult:
+        self.c.connect()
+        self.r = self.c.get("vm-holder", 4)
+        assert self.r.ret == 0 and self.r.lease_id > 0, self.r
+        return self.r
+
+    def __exit__(self, *exc: object) -> None:
+        self.c.close()
+
+
+def two_blobs(pki: devpki.DevPki, platform: platformmod.Platform) -> tuple[bytes, bytes]:
+    """Two different valid blobs of the same size for ``platform``."""
+    a, b = dev_vcek_blob(pki, platform), dev_vcek_blob(pki, platform)
+    assert a != b and len(a) == len(b)
+    return a, b
+
+
+def start_dev(tmp_path: Path, pki: devpki.DevPki, unsafe: str
+              ) -> tuple[DaemonProc, bytes, bytes]:
+    platform = devpki.make_platform()
+    old, new = two_blobs(pki, platform)
+    d = make_dev_daemon(tmp_path / "d", pki, platform, blob=old, lease_timeout_ms=20000)
+    d.config_text = with_server_keys(d.config_text, **NO_AGE)
+    d.start(extra_env={"CERTD_UNSAFE": unsafe} if unsafe else None)
+    return d, old, new
+
+
+def replace_behind_certds_back(d: DaemonProc, data: bytes) -> None:
+    """``mv new.blob certs.blob``: no lock, no gate."""
+    tmp = d.dir / "new.blob"
+    tmp.write_bytes(data)
+    before = d.blob.stat().st_ino
+    os.rename(tmp, d.blob)
+    assert d.blob.stat().st_ino != before
+
+
+def test_blob_replaced_behind_certds_back_is_never_served_from_the_old_inode(tmp_path, pki):
+    d, old, new = start_dev(tmp_path, pki, "")
+    try:
+        with LiveLease(d.socket) as held:
+            assert held.table == old
+            gen = status_of(d.socket)["profiles"][0]["generation"]
+            replace_behind_certds_back(d, new)
+            after = gets(d.socket)
+            st = status_of(d.socket)["profiles"][0]
+        assert [(r.ret, r.table) for r in after] == [(0, new)] * 5
+        assert all(r.lease_id > 0 for r in after)
+        assert st["state"] == "serving" and st["generation"] == gen + 1, st
+        assert {r.generation for r in after} == {gen + 1}
+    finally:
+        stopped(d)
+
+
+def test_control_replaced_blob_without_the_inode_check_serves_the_old_inode(tmp_path, pki):
+    d, old, new = start_dev(tmp_path, pki, "inode-check")
+    try:
+        with LiveLease(d.socket):
+            replace_behind_certds_back(d, new)
+            after = gets(d.socket)
+        assert [r.table for r in after] == [old] * 5
+    finally:
+        stopped(d)
+
+
+def test_blob_deleted_behind_certds_back_is_never_served(tmp_path, pki):
+    d, old, _ = start_dev(tmp_path, pki, "")
+    try:
+        with LiveLease(d.socket) as held:
+            assert held.table == old
+            d.blob.unlink()
+            after = gets(d.socket)
+            st = status_of(d.socket)["profiles"][0]
+        assert [(r.ret, r.lease_id, r.table) for r in after] == [(0, 0, table.EMPTY_TABLE)] * 5
+        assert st["state"] == "empty", st
+    finally:
+        stopped(d)
+
+
+def test_control_deleted_blob_without_the_inode_check_is_still_served(tmp_path, pki):
+    d, old, _ = start_dev(tmp_path, pki, "inode-check")
+    try:
+        with LiveLease(d.socket):
+            d.blob.unlink()
+            after = gets(d.socket)
+        assert [r.table for r in after] == [old] * 5
+    finally:
+        stopped(d)
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """``cp -p`` onto the existing file: same inode, same size, mtime put back."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = path.stat()
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert path.read_bytes() == data
+
+
+def test_in_place_rewrite_with_mtime_kept_serves_what_the_file_holds_now(tmp_path, pki):
+    d, old, new = start_dev(tmp_path, pki, "")
+    try:
+        with LiveLease(d.socket) as held:
+            assert held.table == old
+            rewrite_in_place(d.blob, new)
+            after = gets(d.socket)
+        assert [(r.ret, r.table) for r in after] == [(0, new)] * 5
+    finally:
+        stopped(d)
+
+
+def test_control_in_place_rewrite_without_the_content_check_serves_old_bytes(tmp_path, pki):
+    d, old, new = start_dev(tmp_path, pki, "content-check")
+    try:
+        with LiveLease(d.socket):
+            rewrite_in_place(d.blob, new)
+            after = gets(d.socket)
+        assert [r.table for r in after] == [old] * 5
+    finally:
+        stopped(d)
+
+
+def corrupt_vcek_signature(blob: bytes) -> bytes:
+    """``blob`` with one byte flipped in the VCEK's signature (its DER's last byte)."""
+    t = table.decode(blob)
+    vcek = t.get(table.Role.VCEK).data
+    at = blob.index(vcek) + len(vcek) - 1
+    bad = blob[:at] + bytes([blob[at] ^ 0x01]) + blob[at + 1:]
+    assert len(bad) == len(blob) and table.decode(bad).get(table.Role.VCEK).data != vcek
+    return bad
+
+
+@pytest.mark.parametrize("unsafe", ["", "content-check"], ids=["checked", "control"])
+def test_in_place_corruption_of_the_real_blob_is_never_served(tmp_path, unsafe):
+    """The real AMD blob, one byte of the VCEK's signature flipped in place (mtime kept):
+    the file no longer validates, so the empty table; the control serves the old bytes."""
+    d = make_daemon(tmp_path / "d", lease_timeout_ms=20000)
+    d.config_text = with_server_keys(d.config_text, **NO_AGE)
+    d.start(extra_env={"CERTD_UNSAFE": unsafe} if unsafe else None)
+    old = d.blob.read_bytes()
+    try:
+        with LiveLease(d.socket) as held:
+            assert held.table == old
+            rewrite_in_place(d.blob, corrupt_vcek_signature(old))
+            after = gets(d.socket)
+            st = status_of(d.socket)["profiles"][0]
+        if unsafe:
+            assert [r.table for r in after] == [old] * 5
+        else:
+            assert [(r.ret, r.lease_id, r.table) for r in after] == \
+                   [(0, 0, table.EMPTY_TABLE)] * 5
+            assert st["state"] == "invalid", st
+            assert any(p.startswith("chain") or p.startswith("signature")
+                       for p in st["problems"]), st
+    finally:
+        stopped(d)
+
+
+# --- item 15: the blob path exists whenever certd is ready -------------------------------
+
+def test_no_blob_at_start_becomes_the_empty_table_before_ready(tmp_path):
+    """With a strict umask (077) in the daemon, so the mode must be set on purpose."""
+    d = make_daemon(tmp_path / "d", blob=None)
+    vm_blob = d.dir / "vm.blob"
+    d.config_text += f'\n[[profile]]\nname = "vms"\nblob = "{vm_blob}"\nvms = ["vm-p-*"]\n'
+    assert not d.blob.exists() and not vm_blob.exists()  # precondition
+    old = os.umask(0o077)
+    try:
+        d.start(wait=False)
+    finally:
+        os.umask(old)
+    try:
+        d.notify.wait_for("READY=1")
+        # Nothing writes these files after READY: what is there now was there at READY.
+        for path in (d.blob, vm_blob):
+            st = path.stat()
+            assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644, oct(st.st_mode)
+            assert path.read_bytes() == table.EMPTY_TABLE and len(table.EMPTY_TABLE) == 24
+        with clientmod.Client(d.socket) as c:
+            for vm in ("vm-1", "vm-p-1"):
+                r = c.get(vm, 1)
+                assert (r.ret, r.lease_id, r.table) == (0, 0, table.EMPTY_TABLE)
+            st = c.status()
+        assert [p["state"] for p in st["profiles"]] == ["empty", "empty"]
+    finally:
+        log = stopped(d)
+    assert log.count("no blob at start: wrote the empty table") == 2
