@@ -215,47 +215,12 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-#: A real certd daemon (certd.service.daemon.run, as ``certd --config`` runs it) that trusts
-#: the development PKI whose ARK, ASK and ASVK are in a PEM file instead of AMD's pinned
-#: roots: what ``certd --dev`` does, on a configuration the test writes. The daemon has no
-#: ``[trust]`` key, so this is the only way to serve blobs a test can mint at will.
-DEV_LAUNCHER = """
-import sys
-from pathlib import Path
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from certd import config as configmod, logs
-from certd.abi.product import Product
-from certd.amd.roots import Roots, TrustStore
-from certd.service import daemon
-cfg_path, roots_pem, product = sys.argv[1:4]
-ark, ask, asvk = x509.load_pem_x509_certificates(Path(roots_pem).read_bytes())
-trust = TrustStore([Roots(Product.parse(product), ark, ask, asvk)], name="test development")
-cfg = configmod.load(cfg_path)
-logs.configure(cfg.log.level, cfg.log.format)
-sys.exit(daemon.run(cfg, cfg_path, daemon.Context(trust=trust)))
-"""
-
-
-@dataclass
-class DevDaemonProc(DaemonProc):
-    """A :class:`DaemonProc` run by :data:`DEV_LAUNCHER` (development trust anchors)."""
-
-    roots_pem: Path | None = None
-    product: str = "Milan"
-
-    def start(self, extra_env: dict[str, str] | None = None, argv: list[str] | None = None,
-              wait: bool = True) -> "DaemonProc":
-        argv = argv or [sys.executable, "-c", DEV_LAUNCHER, str(self.config_path),
-                        str(self.roots_pem), self.product]
-        return super().start(extra_env=extra_env, argv=argv, wait=wait)
-
-
 def make_dev_daemon(directory: Path, pki, platform: Platform, *, blob: bytes | None,
-                    **kw) -> DevDaemonProc:
-    """A daemon judging with ``pki``'s trust anchors (a certd.devpki.DevPki) on the platform
-    file ``directory/platform.toml`` holding ``platform``; ``blob`` at the blob path (None:
-    no file). ``kw`` as for :func:`config_text`."""
+                    extra: str = "", **kw) -> DaemonProc:
+    """A daemon trusting ``pki`` (a certd.devpki.DevPki: ``[trust] roots`` is its
+    ``dev-roots.pem``) instead of AMD's roots, on the platform file
+    ``directory/platform.toml`` holding ``platform``; ``blob`` at the blob path (None: no
+    file). ``kw`` as for :func:`config_text`."""
     directory.mkdir(parents=True, exist_ok=True)
     pf = directory / "platform.toml"
     platformmod.save(platform, pf)
@@ -264,8 +229,9 @@ def make_dev_daemon(directory: Path, pki, platform: Platform, *, blob: bytes | N
                                    for c in (pki.ark, pki.ask, pki.asvk)))
     if blob is not None:
         (directory / "certs.blob").write_bytes(blob)
-    return DevDaemonProc(directory, config_text(directory, platform_file=pf, **kw),
-                         roots_pem=roots_pem, product=pki.product.value)
+    trust = f'\n[trust]\nroots = ["{roots_pem}"]\n'
+    return DaemonProc(directory, config_text(directory, platform_file=pf, extra=trust + extra,
+                                             **kw))
 
 
 def dev_vcek_blob(pki, platform: Platform) -> bytes:
