@@ -172,3 +172,61 @@ def test_a_fifo_at_the_blob_path_is_answered_and_logged(tmp_path):
             os.close(fd)
         log = stopped(d)
     assert warned_about(log, str(d.blob)), log[-3000:]
+
+
+def open_paths(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return out
+
+
+def wait_closed(pid: int, path: Path, timeout: float = 10.0) -> None:
+    """Bounded wait until process ``pid`` has no descriptor on ``path`` (the hold it kept
+    for the next request closes a few ms after its last lease; nothing signals that)."""
+    end = time.monotonic() + timeout
+    while str(path) in open_paths(pid):
+        assert time.monotonic() < end, f"{path} still open in {pid}"
+        time.sleep(0.005)
+
+
+def test_emfile_in_the_request_path_is_answered_and_logged(tmp_path):
+    """The daemon out of descriptors (its RLIMIT_NOFILE lowered to what it has open): a GET
+    that must open the blob is answered EAGAIN (transient) and logged; the connection
+    stays open, a VM whose hold is live keeps being served; with descriptors back, served."""
+    d, _ = two_profile_daemon(tmp_path, hold_max_age_ms=60000)
+    d.start()
+    pid = d.proc.pid
+    good = d.blob.read_bytes()
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        with clientmod.Client(d.socket) as c, clientmod.Client(d.socket) as o:
+            r = c.get("vm-1", 4)
+            assert r.ret == 0 and r.table == good
+            c.release(r.lease_id)
+            held = o.get("vm-other-1", 4)
+            assert held.ret == 0 and held.lease_id > 0  # this hold stays live
+            wait_closed(pid, d.blob)  # so the next GET for vm-1 must open the blob
+            fds = {int(x) for x in os.listdir(f"/proc/{pid}/fd")}
+            lowest_free = min(set(range(max(fds) + 2)) - fds)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                r = c.get("vm-1", 4)
+                assert (r.ret, r.lease_id, r.table) == (wire.EAGAIN, 0, b""), r
+                other = o.get("vm-other-2", 4)
+                assert other.ret == 0 and other.table == good and other.lease_id > 0
+                st = c.status()  # the same connection still answers
+                assert st["counters"]["eagain"] >= 1
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            r = c.get("vm-1", 4)
+            assert r.ret == 0 and r.table == good and r.lease_id > 0
+    finally:
+        log = stopped(d)
+    lines = blob_log_lines(log, "Too many open files")
+    print(f"EMFILE: {len(lines)} log lines 'cannot use the blob ... Too many open files' "
+          f"(RLIMIT_NOFILE {lowest_free}), answered EAGAIN")
+    assert lines and all("EAGAIN" in line for line in lines), log[-3000:]
