@@ -230,3 +230,65 @@ def test_emfile_in_the_request_path_is_answered_and_logged(tmp_path):
     print(f"EMFILE: {len(lines)} log lines 'cannot use the blob ... Too many open files' "
           f"(RLIMIT_NOFILE {lowest_free}), answered EAGAIN")
     assert lines and all("EAGAIN" in line for line in lines), log[-3000:]
+
+
+# --- item 12: no descriptor leaks on reload ----------------------------------------------
+
+#: The control: a real certd whose dropped profiles are never closed (the bug of issue 7).
+LEAKY_CERTD = """
+import sys
+from certd.service import profiles
+profiles.Profile.close = lambda self: None
+from certd.cli.certd_main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def reload_cycles(d: DaemonProc, cycles: int) -> list[int]:
+    """Reload ``cycles`` times, alternately adding and dropping a per-VM profile (whose
+    blob certd then locks and judges); the daemon's descriptor count after each."""
+    base = d.config_path.read_text()
+    vm_blob = d.dir / "vm.blob"
+    vm_blob.write_bytes(d.blob.read_bytes())
+    added = base + f'\n[[profile]]\nname = "vms"\nblob = "{vm_blob}"\nvms = ["vm-p-*"]\n'
+    counts = []
+    for i in range(cycles):
+        assert "reloaded" in reload(d, added if i % 2 == 0 else base)
+        if i % 2 == 0:  # precondition: the added profile is live (its blob is open)
+            assert str(vm_blob) in open_paths(d.proc.pid)
+        counts.append(fd_count(d.proc.pid))
+    return counts
+
+
+def start_reloadable(tmp_path: Path, argv: list[str] | None = None) -> DaemonProc:
+    d = make_daemon(tmp_path / "d")
+    return d.start(argv=argv and argv + ["--config", str(d.config_path)])
+
+
+def test_no_descriptor_leaks_over_100_reloads(tmp_path):
+    d = start_reloadable(tmp_path)
+    try:
+        start = fd_count(d.proc.pid)
+        counts = reload_cycles(d, 100)
+        with clientmod.Client(d.socket) as c:
+            assert c.get("vm-1", 4).ret == 0  # still serving
+    finally:
+        stopped(d)
+    # Same phase (profile dropped) early and late: the 2nd and the 100th reload.
+    growth = counts[-1] - counts[1]
+    print(f"fds over 100 reloads adding/dropping a per-VM profile: start {start}, after "
+          f"reload 2: {counts[1]}, after reload 100: {counts[-1]}, min {min(counts)}, "
+          f"max {max(counts)}; growth = {growth}")
+    assert growth == 0, counts
+
+
+def test_control_a_daemon_that_never_closes_dropped_profiles_leaks(tmp_path):
+    d = start_reloadable(tmp_path, [sys.executable, "-c", LEAKY_CERTD])
+    try:
+        counts = reload_cycles(d, 20)
+    finally:
+        stopped(d)
+    growth = counts[-1] - counts[1]
+    print(f"control (dropped profiles not closed): fds after reload 2: {counts[1]}, after "
+          f"reload 20: {counts[-1]}; growth = {growth}")
+    assert growth >= 9, counts  # at least the gate of each of the 9 later dropped profiles
