@@ -357,3 +357,47 @@ class OverlappingLeases:
     def since(self, t: float) -> list[tuple[float, int, int, bytes]]:
         """The GETs sent after ``t`` (so answered after anything the daemon did before)."""
         return [r for r in list(self.results) if r[0] > t]
+
+
+#: An updater that knows only the kernel's documented scheme: open the blob, take an
+#: exclusive OFD lock with a blocking F_OFD_SETLKW (no gate, no certd), then let go. Prints
+#: "waiting" before the wait and the seconds waited after it.
+PLAIN_UPDATER = """
+import fcntl, os, sys, time
+from certd.store import locks
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CLOEXEC)
+print("waiting", flush=True)
+t = time.monotonic()
+fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, locks.FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+print(f"{time.monotonic() - t:.6f}", flush=True)
+os.close(fd)
+"""
+
+
+def plain_updater(blob: Path) -> subprocess.Popen:
+    """Start :data:`PLAIN_UPDATER` on ``blob``; returns once it is about to wait."""
+    p = subprocess.Popen([sys.executable, "-c", PLAIN_UPDATER, str(blob)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "waiting"
+    return p
+
+
+def build_loadgen(directory: Path) -> Path:
+    """benchmarks/loadgen.c compiled into ``directory``."""
+    src = Path(__file__).parent.parent / "benchmarks" / "loadgen.c"
+    exe = directory / "loadgen"
+    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True,
+                   capture_output=True, timeout=120)
+    return exe
+
+
+def counters_when(socket_path: str, ok, timeout: float = 20.0) -> dict:
+    """Bounded wait until ``ok(counters)`` holds for the daemon's STATUS counters (load
+    progress: nothing signals it)."""
+    end = time.monotonic() + timeout
+    while True:
+        c = status_of(socket_path)["counters"]
+        if ok(c):
+            return c
+        assert time.monotonic() < end, f"counters never got there: {c}"
+        time.sleep(0.02)
