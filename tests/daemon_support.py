@@ -361,24 +361,35 @@ class OverlappingLeases:
 
 #: An updater that knows only the kernel's documented scheme: open the blob, take an
 #: exclusive OFD lock with a blocking F_OFD_SETLKW (no gate, no certd), then let go. Prints
-#: "waiting" before the wait and the seconds waited after it.
+#: "waiting" before the wait and the seconds waited after it. With ``--repeat``: one such
+#: attempt per line read on stdin (benchmarks: no process start per attempt).
 PLAIN_UPDATER = """
 import fcntl, os, sys, time
 from certd.store import locks
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CLOEXEC)
-print("waiting", flush=True)
-t = time.monotonic()
-fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, locks.FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-print(f"{time.monotonic() - t:.6f}", flush=True)
-os.close(fd)
+def attempt():
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CLOEXEC)
+    print("waiting", flush=True)
+    t = time.monotonic()
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, locks.FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    print(f"{time.monotonic() - t:.6f}", flush=True)
+    os.close(fd)
+if sys.argv[2:] == ["--repeat"]:
+    for _ in sys.stdin:
+        attempt()
+else:
+    attempt()
 """
 
 
-def plain_updater(blob: Path) -> subprocess.Popen:
-    """Start :data:`PLAIN_UPDATER` on ``blob``; returns once it is about to wait."""
-    p = subprocess.Popen([sys.executable, "-c", PLAIN_UPDATER, str(blob)],
-                         stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "waiting"
+def plain_updater(blob: Path, repeat: bool = False) -> subprocess.Popen:
+    """Start :data:`PLAIN_UPDATER` on ``blob``; returns once it is about to wait (with
+    ``repeat``: at once, waiting for a line on its stdin per attempt)."""
+    p = subprocess.Popen([sys.executable, "-c", PLAIN_UPDATER, str(blob)]
+                         + (["--repeat"] if repeat else []),
+                         stdin=subprocess.PIPE if repeat else None, stdout=subprocess.PIPE,
+                         text=True)
+    if not repeat:
+        assert p.stdout.readline().strip() == "waiting"
     return p
 
 
