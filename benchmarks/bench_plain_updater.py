@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import select
 import shutil
 import subprocess
@@ -87,16 +88,20 @@ class PlainUpdater:
     def attempt(self, timeout: float) -> float | None:
         self.proc.stdin.write("\n")
         self.proc.stdin.flush()
-        lines = []
+        # Lines read from the raw descriptor: a buffered readline could hold the second
+        # line while select() waits on the descriptor for it.
+        fd, buf = self.proc.stdout.fileno(), b""
         end = time.monotonic() + timeout
-        while len(lines) < 2:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(end - time.monotonic(), 0))
-            if not ready:
+        while buf.count(b"\n") < 2:
+            ready, _, _ = select.select([fd], [], [], max(end - time.monotonic(), 0))
+            chunk = os.read(fd, 4096) if ready else b""
+            if not chunk:
                 self.close()
                 self.proc = plain_updater(self.blob, repeat=True)
                 return None
-            lines.append(self.proc.stdout.readline().strip())
-        assert lines[0] == "waiting", lines
+            buf += chunk
+        lines = buf.decode().split()
+        assert lines[0] == "waiting" and len(lines) == 2, lines
         return float(lines[1])
 
     def close(self) -> None:

@@ -393,6 +393,16 @@ def plain_updater(blob: Path, repeat: bool = False) -> subprocess.Popen:
     return p
 
 
+def plain_updater_wait(p: subprocess.Popen, timeout: float) -> float:
+    """Seconds a :func:`plain_updater` waited for its lock; raises TimeoutExpired if it is
+    not in within ``timeout`` (then kill it by its pid)."""
+    p.wait(timeout=timeout)
+    # Not communicate(): it reads the pipe's fd and would lose what readline() buffered.
+    out = p.stdout.read()
+    assert p.returncode == 0, out
+    return float(out.strip())
+
+
 def build_loadgen(directory: Path) -> Path:
     """benchmarks/loadgen.c compiled into ``directory``."""
     src = Path(__file__).parent.parent / "benchmarks" / "loadgen.c"
