@@ -210,7 +210,10 @@ class Profile:
             hold.close()
 
     def _new_hold(self, now: float) -> SharedHold | str:
-        pending = self.store.journal()
+        try:
+            pending = self.store.journal()
+        except OSError as e:
+            return self._io_failure(e, "looking for an update journal")
         if pending is not None:
             # An updater died between announcing a change and finishing it: the firmware
             # may have moved. Look again before judging, and fix the file on disk.

@@ -19,6 +19,7 @@ then says what is wrong with it).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -27,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from certd import faults
+
+_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR})
 
 #: Largest journal :func:`read` parses; a bigger file is garbage (and still pending).
 MAX_JOURNAL = 4096
@@ -118,6 +121,8 @@ def read(blob_path: str) -> JournalInfo | None:
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno in _TRANSIENT:
+            raise  # out of descriptors or memory: says nothing about the journal
         return _garbage(path, f"cannot be opened: {e.strerror}")
     try:
         raw = os.read(fd, MAX_JOURNAL + 1)
