@@ -200,4 +200,4 @@ class Watcher:
         try:
             self.callback(event)
         except Exception:  # never raise into pyinotify: it would hold back queued events
-            log.exception("inotify callback failed", event=repr(event))
+            log.exception("inotify callback failed", inotify_event=repr(event))
