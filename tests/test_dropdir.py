@@ -29,6 +29,7 @@ from certd.amd import roots
 from certd.platform import Platform
 from certd.sources import dropdir
 from certd.sources.dropdir import DropDir, judge
+from tests.inotify_support import flood, max_queued
 
 PEM, DER = Encoding.PEM, Encoding.DER
 BOUND = 60  # seconds: generous bound for a whole scenario on a loaded machine
@@ -269,9 +270,9 @@ async def bounded(aw):
         return await aw
 
 
-async def barrier(dd: DropDir, scratch: Path) -> None:
-    """Wait until every inotify event queued before now has been handled: events of one
-    inotify instance arrive in order, so seeing a fresh one on a scratch watch is enough."""
+async def events_delivered(dd: DropDir, scratch: Path) -> None:
+    """Wait until every inotify event queued before now has reached the DropDir: events of
+    one inotify instance arrive in order, so seeing a fresh one on a scratch watch is enough."""
     scratch.mkdir(exist_ok=True)
     seen = asyncio.Event()
     inner = dd.watcher.callback
@@ -291,7 +292,12 @@ async def barrier(dd: DropDir, scratch: Path) -> None:
     finally:
         dd.watcher.remove(str(scratch))
         dd.watcher.callback = inner
-    await dd.drained()
+
+
+async def barrier(dd: DropDir, scratch: Path) -> None:
+    """... and has been processed."""
+    await events_delivered(dd, scratch)
+    await bounded(dd.drained())
 
 
 async def test_vcek_accepted_within_one_second(harness, milan, plat, vcek):
@@ -507,22 +513,17 @@ async def test_rescan_while_events_are_held(harness, vcek, tmp_path):
 
 
 async def real_overflow(harness: Harness, vcek, tmp_path: Path) -> None:
-    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
-    if limit > 200_000:
-        pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many events to overflow")
+    limit = max_queued()
     dd = harness.start()
     await dd.drained()
     dd.watcher.pause()
 
-    def flood():
-        # Alternate two ignored names: identical consecutive events would be merged.
-        for i in range(limit + 100):
-            with open(harness.dir / (".flood-a.tmp" if i % 2 else ".flood-b.tmp"), "wb") as f:
-                f.write(b"x")
+    def fill():
+        flood(harness.dir, limit + 100)  # names the drop directory ignores
         for i in range(3):  # their events are lost in the overflow
             harness.drop(f"after{i}.pem", vcek.public_bytes(PEM), rename=False)
 
-    await asyncio.to_thread(flood)
+    await asyncio.to_thread(fill)
     overflowed = asyncio.Event()
     inner = dd.watcher.callback
 
@@ -603,3 +604,34 @@ async def test_negative_control_without_parent_watch(harness, vcek, tmp_path):
     await barrier(dd, tmp_path / "scratch")
     assert not dd.watching and harness.results == []
     assert (harness.dir / "lost.pem").exists()
+
+
+async def test_async_accept_one_at_a_time(harness, vcek, tmp_path):
+    """``accept`` may await (the rotation waits for leases to drain): the loop stays free,
+    files wait their turn, and an exception from it counts as a failed install."""
+    gate, started = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def accept(blob: bytes, name: str) -> str | None:
+        calls.append(name)
+        started.set()
+        await gate.wait()
+        if name == "b.pem":
+            raise OSError("disk full")
+        return None
+
+    harness.accept = accept
+    structlog.reset_defaults()
+    dd = harness.start()
+    with structlog.testing.capture_logs() as logs:
+        harness.drop("a.pem", vcek.public_bytes(PEM))
+        harness.drop("b.pem", vcek.public_bytes(PEM))
+        await bounded(started.wait())
+        await events_delivered(dd, tmp_path / "scratch")  # b.pem's event is in, and waits
+        assert calls == ["a.pem"] and harness.results == []
+        gate.set()
+        await harness.results_count(2)
+    assert "installing a drop-dir certificate failed" in [e["event"] for e in logs]
+    assert calls == ["a.pem", "b.pem"]
+    assert [(r.name, r.accepted) for r in harness.results] == [("a.pem", True), ("b.pem", False)]
+    assert "installing it failed: OSError: disk full" in harness.rejected_reason("b.pem")

@@ -15,6 +15,7 @@ import structlog
 
 from certd import inotify
 from certd.service.watcher import BlobWatcher
+from tests.inotify_support import flood, max_queued
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -64,21 +65,6 @@ async def barrier(rec: Recorder, w: inotify.Watcher, scratch: Path, tag: str) ->
     w.add(str(scratch), MASK)
     (scratch / tag).write_bytes(b"x")
     await rec.until(lambda e: e.directory == str(scratch) and e.name == tag)
-
-
-def flood(directory: Path, n: int) -> None:
-    """``n`` IN_CLOSE_WRITE events; two alternating names, since the kernel merges an
-    event identical to the last one queued."""
-    for i in range(n):
-        with open(directory / (".a" if i % 2 else ".b"), "wb") as f:
-            f.write(b"x")
-
-
-def max_queued() -> int:
-    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
-    if limit > 200_000:
-        pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many events to overflow")
-    return limit
 
 
 async def test_close_write_and_moved_to(rec_watcher, tmp_path):
@@ -187,7 +173,7 @@ async def test_queue_overflow_is_reported(rec_watcher, tmp_path):
     # Delivery goes on afterwards.
     (tmp_path / "next").write_bytes(b"x")
     await rec.until(lambda e: e.name == "next")
-    assert len(rec.events) == limit + 2  # every queued event, the overflow, "next"
+    assert len(rec.events) == limit + 2  # the queue's worth, the overflow, "next"
 
 
 async def test_negative_control_bare_pyinotify_hides_overflow(tmp_path):

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import os
 import stat
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
+from typing import Awaitable, Callable
 
 from certd import faults, inotify, logs, policy
 from certd.amd.roots import TrustStore
@@ -177,12 +178,13 @@ class DropDir:
 
     ``platform()`` is called for every file (the platform as it is now; None if unknown:
     every file is then refused). ``accept(blob, name)`` installs the blob and returns None,
-    or a reason why it could not. ``on_result(outcome)`` is told about every file.
+    or a reason why it could not; it may be a coroutine function (files are processed one
+    at a time, so the next waits for it). ``on_result(outcome)`` is told about every file.
     """
 
     def __init__(self, path: str | os.PathLike, *, trust: TrustStore,
                  platform: Callable[[], Platform | None],
-                 accept: Callable[[bytes, str], str | None],
+                 accept: Callable[[bytes, str], str | None | Awaitable[str | None]],
                  loop: asyncio.AbstractEventLoop,
                  on_result: Callable[[Outcome], None] | None = None):
         self.path = os.path.abspath(os.fspath(path))
@@ -230,7 +232,8 @@ class DropDir:
         await self._idle.wait()
 
     def close(self) -> None:
-        """Stop watching; a file being processed is finished first (it never awaits)."""
+        """Stop watching and processing. A file whose ``accept`` is still awaited stays in
+        ``.processing/`` and is processed again at the next start."""
         self.watcher.close()
         self._task.cancel()
 
@@ -300,15 +303,15 @@ class DropDir:
             while self._scan_wanted or self._pending:
                 if self._scan_wanted:
                     self._scan_wanted = False
-                    self._scan()
+                    await self._scan()
                 if self._pending:
                     name = next(iter(self._pending))
                     del self._pending[name]
-                    self._take(name)
+                    await self._take(name)
                     await asyncio.sleep(0)  # one file (~1-2 ms) per turn of the loop
             self._idle.set()
 
-    def _scan(self) -> None:
+    async def _scan(self) -> None:
         self.counts["rescans"] += 1
         try:
             leftovers = sorted(os.listdir(self.work))
@@ -319,7 +322,7 @@ class DropDir:
                       error=str(e))
             leftovers = []
         for name in leftovers:  # claimed before a crash: finish them first
-            self._process(name)
+            await self._process(name)
         try:
             with os.scandir(self.path) as it:
                 entries = [(e.stat(follow_symlinks=False).st_mtime_ns, e.name) for e in it
@@ -332,14 +335,14 @@ class DropDir:
         for _, name in sorted(entries):  # oldest first: the newest certificate wins
             self._pending[name] = None
 
-    def _take(self, name: str) -> None:
+    async def _take(self, name: str) -> None:
         """Claim ``name`` by moving it into the work area, then process it."""
         src, work = os.path.join(self.path, name), os.path.join(self.work, name)
         try:
             if stat.S_ISDIR(os.lstat(src).st_mode):
                 return
             if os.path.lexists(work):  # an earlier file of that name is unfinished
-                self._process(name)
+                await self._process(name)
                 if os.path.lexists(work):
                     log.error("cannot process a drop-dir file: an earlier file of the same "
                               "name is stuck in the work area", file=name, work=work)
@@ -351,14 +354,14 @@ class DropDir:
         except OSError as e:
             log.error("cannot claim a drop-dir file; it stays in place", file=name, error=str(e))
             return
-        self._process(name)
+        await self._process(name)
 
-    def _process(self, name: str) -> None:
+    async def _process(self, name: str) -> None:
         work = os.path.join(self.work, name)
         data, problem = _read(work, name)
         verdict = Verdict.refused([problem]) if problem else self._judge(data, name)
         if verdict.accepted:
-            failure = self._install(verdict.blob, name)
+            failure = await self._install(verdict.blob, name)
             if failure is not None:
                 verdict = Verdict.refused([Problem("install", f"{name} is valid, but installing "
                                                               f"it failed: {failure}")])
@@ -392,9 +395,12 @@ class DropDir:
             log.exception("judging a drop-dir file failed", file=name)
             return Verdict.refused([Problem("format", f"{name} could not be judged: {e!r}")])
 
-    def _install(self, blob: bytes, name: str) -> str | None:
+    async def _install(self, blob: bytes, name: str) -> str | None:
         try:
-            return self.accept(blob, name)
+            result = self.accept(blob, name)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
         except Exception as e:
             log.exception("installing a drop-dir certificate failed", file=name)
             return f"{type(e).__name__}: {e}"
