@@ -331,6 +331,24 @@ async def test_vlek_accepted(harness, milan, plat):
     assert milan.asvk.public_bytes(DER) in harness.accepted[0][1]
 
 
+async def test_real_vlek_expired_in_the_drop_dir(tmp_path, vectors):
+    """AMD's real VLEK (AWS) on the platform of its own report, with the pinned roots:
+    everything matches except that it expired in 2025, and the .reason says exactly that."""
+    rep = reportmod.parse((vectors / "milan_vlek_report.bin").read_bytes())
+    vplat = Platform(product=Product.MILAN, reported_tcb=rep.reported_tcb(Product.MILAN),
+                     signing_key="vlek")
+    h = Harness(tmp_path, roots.pinned(), vplat)
+    h.start()
+    try:
+        h.drop("aws-vlek.der", (vectors / "milan_vlek.der").read_bytes())
+        await h.results_count(1)
+    finally:
+        await h.dd.aclose()
+    reason = h.rejected_reason("aws-vlek.der").splitlines()
+    assert len(reason) == 1 and reason[0].startswith("validity: ") and "expired" in reason[0]
+    assert h.accepted == []
+
+
 def _bad_files(dev_pki, milan, plat, vectors) -> dict[str, tuple[bytes, str]]:
     genoa = dev_pki(Product.GENOA)
     gplat = devpki.make_platform(Product.GENOA, tcb=plat.reported_tcb, chip_id=plat.chip_id)

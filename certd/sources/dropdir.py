@@ -77,7 +77,15 @@ class Verdict:
 
     @classmethod
     def refused(cls, problems: list[Problem]) -> "Verdict":
-        return cls(None, list(problems), "; ".join(str(p) for p in problems))
+        return cls(None, list(problems), "; ".join(map(_one_line, problems)))
+
+    def reason_lines(self) -> str:
+        """The text of a ``.reason`` file: one problem per line."""
+        return "".join(f"{_one_line(p)}\n" for p in self.problems)
+
+
+def _one_line(p: Problem) -> str:
+    return " ".join(str(p).split("\n"))
 
 
 def judge(data: bytes, name: str, *, trust: TrustStore, platform: Platform | None,
@@ -370,8 +378,8 @@ class DropDir:
             self.counts["accepted"] += 1
             log.info("drop-dir file accepted", file=name, reason=verdict.reason, moved_to=moved)
         else:
-            text = "".join(f"{p}\n" for p in verdict.problems)
-            moved = _move_unique(work, os.path.join(self.path, REJECTED), name, reason=text)
+            moved = _move_unique(work, os.path.join(self.path, REJECTED), name,
+                                 reason=verdict.reason_lines())
             self.counts["rejected"] += 1
             log.warning("drop-dir file rejected", file=name, reason=verdict.reason,
                         problems=sorted({p.check for p in verdict.problems}), moved_to=moved)
