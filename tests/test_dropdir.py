@@ -653,3 +653,38 @@ async def test_async_accept_one_at_a_time(harness, vcek, tmp_path):
     assert calls == ["a.pem", "b.pem"]
     assert [(r.name, r.accepted) for r in harness.results] == [("a.pem", True), ("b.pem", False)]
     assert "installing it failed: OSError: disk full" in harness.rejected_reason("b.pem")
+
+
+async def judged_file_is_the_one_moved(harness: Harness, vcek, tmp_path: Path) -> None:
+    """A file written again under the same name while the first is being installed is a
+    new file: the valid one lands in accepted/, the garbage one in rejected/."""
+    gate, started = asyncio.Event(), asyncio.Event()
+
+    async def accept(blob: bytes, name: str) -> str | None:
+        started.set()
+        await gate.wait()
+        return None
+
+    harness.accept = accept
+    dd = harness.start()
+    good = vcek.public_bytes(PEM)
+    harness.drop("a.pem", good)
+    await bounded(started.wait())
+    harness.drop("a.pem", b"garbage written while the first was installed")
+    await events_delivered(dd, tmp_path / "scratch")
+    gate.set()
+    await bounded(dd.drained())
+    assert (harness.dir / "accepted" / "a.pem").read_bytes() == good, "another file was moved"
+    assert harness.rejected_reason("a.pem").startswith("format: ")
+    assert [r.accepted for r in harness.results] == [True, False]
+
+
+async def test_judged_file_is_the_one_moved(harness, vcek, tmp_path):
+    assert not faults.unsafe(dropdir.UNSAFE_CLAIM)
+    await judged_file_is_the_one_moved(harness, vcek, tmp_path)
+
+
+async def test_negative_control_without_claim(harness, vcek, tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.UNSAFE_ENV, dropdir.UNSAFE_CLAIM)
+    with pytest.raises(AssertionError, match="another file was moved"):
+        await judged_file_is_the_one_moved(harness, vcek, tmp_path)

@@ -52,8 +52,10 @@ WORK = ".processing"
 REASON_SUFFIX = ".reason"
 #: Larger files are refused unread: a certificate is ~1.3 KiB, a whole blob at most 16 KiB.
 MAX_FILE = 64 * 1024
-#: The test-only switch (CERTD_UNSAFE) that skips the platform checks, for negative controls.
+#: Test-only switches (CERTD_UNSAFE), for negative controls: skip the platform checks;
+#: process files where they are instead of claiming them first.
 UNSAFE_JUDGE = "dropdir-judge"
+UNSAFE_CLAIM = "dropdir-claim"
 
 _TEMP_SUFFIXES = (".tmp", ".part", "~")
 _NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
@@ -330,7 +332,7 @@ class DropDir:
                       error=str(e))
             leftovers = []
         for name in leftovers:  # claimed before a crash: finish them first
-            await self._process(name)
+            await self._process(name, os.path.join(self.work, name))
         try:
             with os.scandir(self.path) as it:
                 entries = [(e.stat(follow_symlinks=False).st_mtime_ns, e.name) for e in it
@@ -349,8 +351,11 @@ class DropDir:
         try:
             if stat.S_ISDIR(os.lstat(src).st_mode):
                 return
+            if faults.unsafe(UNSAFE_CLAIM):
+                await self._process(name, src)
+                return
             if os.path.lexists(work):  # an earlier file of that name is unfinished
-                await self._process(name)
+                await self._process(name, work)
                 if os.path.lexists(work):
                     log.error("cannot process a drop-dir file: an earlier file of the same "
                               "name is stuck in the work area", file=name, work=work)
@@ -362,11 +367,11 @@ class DropDir:
         except OSError as e:
             log.error("cannot claim a drop-dir file; it stays in place", file=name, error=str(e))
             return
-        await self._process(name)
+        await self._process(name, work)
 
-    async def _process(self, name: str) -> None:
-        work = os.path.join(self.work, name)
-        data, problem = _read(work, name)
+    async def _process(self, name: str, path: str) -> None:
+        """Judge the file ``name`` (now at ``path``), install it or not, and move it."""
+        data, problem = _read(path, name)
         verdict = Verdict.refused([problem]) if problem else self._judge(data, name)
         if verdict.accepted:
             failure = await self._install(verdict.blob, name)
@@ -374,11 +379,11 @@ class DropDir:
                 verdict = Verdict.refused([Problem("install", f"{name} is valid, but installing "
                                                               f"it failed: {failure}")])
         if verdict.accepted:
-            moved = _move_unique(work, os.path.join(self.path, ACCEPTED), name)
+            moved = _move_unique(path, os.path.join(self.path, ACCEPTED), name)
             self.counts["accepted"] += 1
             log.info("drop-dir file accepted", file=name, reason=verdict.reason, moved_to=moved)
         else:
-            moved = _move_unique(work, os.path.join(self.path, REJECTED), name,
+            moved = _move_unique(path, os.path.join(self.path, REJECTED), name,
                                  reason=verdict.reason_lines())
             self.counts["rejected"] += 1
             log.warning("drop-dir file rejected", file=name, reason=verdict.reason,
