@@ -4,7 +4,8 @@ Every file dropped ends in accepted/ or rejected/ (with a .reason naming each pr
 exactly once; only valid certificates reach ``accept``. Negative controls: the judge
 switched off (CERTD_UNSAFE=dropdir-judge) lets a wrong-TCB VCEK through; an overflow
 without the rescan leaves files unprocessed; without the parent watch a re-created
-directory is never watched again.
+directory is never watched again; without the claim (CERTD_UNSAFE=dropdir-claim) a file
+written under the same name during an install is moved in place of the judged one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from certd import devpki, faults, policy
 from certd.abi import report as reportmod
+from certd.abi import table
 from certd.abi.product import Product
 from certd.abi.tcb import Tcb
 from certd.amd import roots
@@ -79,7 +81,6 @@ def test_bundle_and_whole_blob_accepted(milan, plat, vcek):
     # A whole GHCB table, even a non-canonical one without its ASK, gives the canonical blob.
     assert judge(devpki.blob(milan.ark, milan.ask, vcek), "certs.blob", trust=milan.trust,
                  platform=plat).blob == want
-    from certd.abi import table
     no_ask = table.encode([table.Entry.of(table.Role.VCEK, vcek.public_bytes(DER))])
     assert judge(no_ask, "leaf-only.blob", trust=milan.trust, platform=plat).blob == want
 
