@@ -35,11 +35,15 @@
 #include <string.h>
 #include <time.h>
 
-/* The kvm_run fields this exit uses (KVM_EXIT_SNP_REQ_CERTS in <linux/kvm.h> where the
- * kernel has it). A real VMM reads and writes the vCPU's mmap'd struct kvm_run. */
+/* The kvm_run fields this exit uses. A real VMM reads and writes the vCPU's mmap'd
+ * struct kvm_run from <linux/kvm.h> (the merged ABI: kvm_run.snp_req_certs is
+ * {__u64 gpa; __u64 npages; __u64 ret;}; take KVM_EXIT_SNP_REQ_CERTS from the header, it
+ * is not the same number in every tree), after enabling the exit per VM with
+ * KVM_SEV_SNP_ENABLE_REQ_CERTS (KVM_MEMORY_ENCRYPT_OP; attribute KVM_X86_SEV_SNP_REQ_CERTS
+ * says whether the kernel has it). */
 struct sim_kvm_run {
     uint8_t immediate_exit;
-    struct { uint64_t gpa; uint64_t npages; uint32_t ret; } snp_req_certs;
+    struct { uint64_t gpa; uint64_t npages; uint64_t ret; } snp_req_certs;
 };
 
 /* Guest memory: the guest's shared (unencrypted) buffer lives at GUEST_GPA. */
@@ -189,7 +193,7 @@ int main(int argc, char **argv) {
 
     struct sim_kvm_run run = { 0 };
     uint64_t offer = gpages;
-    uint32_t ret = CERTD_RET_EAGAIN;
+    uint32_t ret = CERTD_RET_EAGAIN; /* what the guest last got */
     for (unsigned long long exits = 1; exits <= retries + 1; exits++) {
         /* The guest zero-fills its shared buffer and issues the request. */
         memset(guest_mem, 0, offer * CERTD_PAGE_SIZE);
@@ -202,7 +206,7 @@ int main(int argc, char **argv) {
         handle_req_certs(&v, &run);
         if (sim_kvm_run(&run) == -EINTR) on_eintr(&v, &run);
 
-        ret = run.snp_req_certs.ret;
+        ret = (uint32_t)run.snp_req_certs.ret;
         printf("guest: ret=%u (%s)", ret, certd_ret_name(ret));
         if (ret == CERTD_RET_ENOSPC) {
             offer = run.snp_req_certs.npages;

@@ -172,3 +172,53 @@ def test_cli_against_a_real_daemon(kit, daemon, tmp_path):
     r = subprocess.run([kit["cli"], "-s", daemon.socket, "get", "vm-cli", "-n", "1"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == exitcodes.NOSPACE and "ret=28 (ENOSPC) npages=2" in r.stdout
+
+
+# ---- contrib/hooks: firmware-update wrappers around certctl fw-update ------------------
+
+HOOKS = CONTRIB / "hooks"
+
+
+@pytest.fixture
+def fake_tools(tmp_path):
+    """A certctl that records its argv (one line per argument) instead of updating."""
+    log = tmp_path / "argv"
+    certctl = tmp_path / "certctl"
+    certctl.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {log}\n')
+    certctl.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "CERTCTL": str(certctl), "CERTD_CONFIG": "/etc/c.toml",
+           "FW_UPDATE_TIMEOUT": "45"}
+    return env, log
+
+
+@pytest.mark.parametrize("hook, args, expected", [
+    ("snphost-config-set.sh", ["4", "0", "29", "222"],
+     ["--expect-tcb", "bl=4,tee=0,snp=29,ucode=222", "--timeout", "45",
+      "--", "snphost", "config", "set", "4", "0", "29", "222", "0"]),
+    ("snphost-config-set.sh", ["1", "0", "2", "3", "4"],
+     ["--expect-tcb", "bl=1,tee=0,snp=2,ucode=3,fmc=4", "--timeout", "45",
+      "--", "snphost", "config", "set", "1", "0", "2", "3", "0", "4"]),
+    ("snphost-config-reset.sh", [], ["--timeout", "45", "--", "snphost", "config", "reset"]),
+    ("snphost-commit.sh", [], ["--timeout", "45", "--", "snphost", "commit"]),
+])
+def test_hooks_run_certctl_fw_update_in_its_documented_form(fake_tools, hook, args, expected):
+    env, log = fake_tools
+    r = subprocess.run([str(HOOKS / hook), *args], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().splitlines() == ["fw-update", "--config", "/etc/c.toml", *expected]
+
+
+@pytest.mark.parametrize("hook, args", [
+    ("snphost-config-set.sh", []), ("snphost-config-set.sh", ["4", "0", "29"]),
+    ("snphost-config-set.sh", ["4", "0", "29", "x"]),
+    ("snphost-config-set.sh", ["4", "0", "29", "256"]),
+    ("snphost-config-set.sh", ["4", "0", "29", "-1"]),
+    ("snphost-config-reset.sh", ["extra"]), ("snphost-commit.sh", ["extra"]),
+])
+def test_hooks_refuse_bad_arguments_before_running_anything(fake_tools, hook, args):
+    env, log = fake_tools
+    r = subprocess.run([str(HOOKS / hook), *args], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == exitcodes.USAGE and "usage:" in r.stderr
+    assert not log.exists()
