@@ -58,9 +58,9 @@ static void *gpa_to_hva(uint64_t gpa, uint64_t npages) {
 
 static int pause_mode;
 static void pause_at(const char *what) {
+    if (!pause_mode) return;
     printf("vmm: paused: %s\n", what);
     fflush(stdout);
-    if (!pause_mode) return;
     char line[64];
     if (!fgets(line, sizeof line, stdin)) { /* EOF: carry on */ }
 }
