@@ -159,8 +159,8 @@ def test_unconfigured_host_gives_the_empty_table(kit, tmp_path, vmm_runs):
 
 def test_cli_against_a_real_daemon(kit, daemon, tmp_path):
     out = tmp_path / "t.bin"
-    r = subprocess.run([kit["cli"], "-s", daemon.socket, "get", "vm-cli", "-o", str(out)],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run([kit["cli"], "-s", daemon.socket, "get", "vm-cli", "-o", str(out),
+                        "-H", "50"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == daemon.blob.read_bytes()
     assert "release=released" in r.stdout
