@@ -299,7 +299,9 @@ int certd_get(certd_client *c, const char *vm_id, uint64_t npages, uint32_t wait
         goto release_and_fail;
     }
     if (out->ret == CERTD_RET_OK) {
-        if ((uint64_t)tlen > npages * CERTD_PAGE_SIZE || tlen > buf_len) {
+        /* In pages, not bytes: npages comes from the guest and npages * 4096 may wrap. */
+        uint64_t need = ((uint64_t)tlen + CERTD_PAGE_SIZE - 1) / CERTD_PAGE_SIZE;
+        if (need > npages || tlen > buf_len) {
             free(f.payload);
             rc = fail(c, CERTD_E_PROTOCOL,
                       "protocol error: table of %u bytes does not fit %llu page(s) / %zu bytes",
