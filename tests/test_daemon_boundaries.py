@@ -252,6 +252,8 @@ def reload_cycles(d: DaemonProc, cycles: int) -> list[int]:
         assert "reloaded" in reload(d, added if i % 2 == 0 else base)
         if i % 2 == 0:  # precondition: the added profile is live (its gate is open)
             assert str(d.dir / ".vm.blob.gate") in open_paths(d.proc.pid)
+        for held in (vm_blob, d.blob):  # a look keeps a hold for a few ms: let it close
+            wait_closed(d.proc.pid, held)
         counts.append(fd_count(d.proc.pid))
     return counts
 

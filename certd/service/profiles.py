@@ -134,6 +134,11 @@ class Profile:
     _draining: SharedHold | None = None  # retired by age: wait for it, then the gap
     _gap_until: float = 0.0
     _settling: bool = False
+    #: Futures of requests waiting for the decision to change (see :meth:`changed`).
+    _waiters: list = field(default_factory=list)
+    _watch: object = None  # certd.inotify.Watcher on the blob's directory, made on demand
+    #: How often waiting requests were woken (tests count it: waits are not polls).
+    wakeups: int = 0
 
     def __post_init__(self) -> None:
         self.store = blobstore.BlobStore(self.blob_path, self.judge.problems)
@@ -311,6 +316,7 @@ class Profile:
             # Leave no shared lock for a moment: a blocked kernel-scheme updater wakes up
             # and takes its exclusive lock before the next hold is made.
             self._gap_until = time.monotonic() + self.holds.gap
+        self._wake()  # waiters re-decide (and arm a timer for the gap)
 
     # -- background repair -----------------------------------------------------------
 
@@ -339,6 +345,62 @@ class Profile:
         loop.run_in_executor(None, lambda: self.store.settle(self.judge.problems)
                              ).add_done_callback(done)
 
+    # -- waiting without polling -----------------------------------------------------
+
+    async def changed(self, timeout: float) -> None:
+        """Return when the decision may have changed, or after ``timeout`` seconds.
+
+        Waits are woken by what ends a BUSY answer, not by polling: the updater closing
+        the gate or the blob it held (inotify ``IN_CLOSE_WRITE``), a blob renamed into
+        place, the gap after a drained hold elapsing, a hold closing. The caller decides
+        again after each return. Call it right after a BUSY decision, with no await in
+        between, so no wake-up can be missed."""
+        loop = asyncio.get_running_loop()
+        if self._watch is None:
+            self._watch_directory(loop)
+        fut = loop.create_future()
+        self._waiters.append(fut)
+        timer = None
+        if self._draining is None and self._gap_until > time.monotonic():
+            timer = loop.call_later(self._gap_until - time.monotonic(), self._wake)
+        elif self._watch is False:  # no inotify here: fall back to a short poll
+            timer = loop.call_later(0.002, self._wake)
+        try:
+            await asyncio.wait((fut,), timeout=max(timeout, 0))
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+    def _watch_directory(self, loop: asyncio.AbstractEventLoop) -> None:
+        from certd import inotify  # only a daemon with waiting requests needs it
+        names = {os.path.basename(self.blob_path), os.path.basename(self.lock.gate)}
+
+        def event(ev: "inotify.Event") -> None:
+            if ev.overflow or ev.gone or ev.name in names:
+                self._wake()
+
+        try:
+            w = inotify.Watcher(event, loop=loop)
+            w.add(os.path.dirname(self.blob_path),
+                  inotify.CLOSE_WRITE | inotify.MOVED_TO | inotify.DELETE)
+        except (OSError, inotify.WatchError) as e:
+            log.warning("cannot watch the blob directory; waiting requests poll",
+                        profile=self.name, error=str(e))
+            self._watch = False
+            return
+        self._watch = w
+
+    def _wake(self) -> None:
+        if not self._waiters:
+            return
+        self.wakeups += 1
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     def look(self) -> str:
         """Decide now, for status and logs: the profile's state, or "busy" while an
         updater is at work (nothing is kept that the decision did not keep anyway)."""
@@ -349,6 +411,10 @@ class Profile:
         for hold in (self.current, self._draining):
             if hold is not None:
                 hold.close()
+        if self._watch:
+            self._watch.close()
+        self._watch = None
+        self._wake()
         self.lock.close()
 
 

@@ -260,24 +260,24 @@ class Connection(asyncio.BufferedProtocol):
             deadline = srv.limits.request_deadline
             if msg.timeout_ms:
                 deadline = min(deadline, msg.timeout_ms / 1000)
-            task = asyncio.get_running_loop().create_task(self._get_later(msg, profile, deadline))
+            task = asyncio.get_running_loop().create_task(
+                self._get_later(msg, profile, deadline, self.last_active))
             self.pending[rid] = task
             return
         self._answer(msg, profile, got)
 
-    async def _get_later(self, msg: wire.Get, profile: Profile, wait: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        started = self.last_active  # before the first await: the read time of this request
-        delay = 0.0005
+    async def _get_later(self, msg: wire.Get, profile: Profile, wait: float,
+                         started: float) -> None:
+        """Wait for the decision to change (woken, not polling) until the deadline, which
+        counts from when the request's frame arrived (``started``, time.monotonic)."""
+        deadline = started + wait
         try:
             while True:
-                await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
-                delay = min(delay * 2, 0.005)
+                await profile.changed(deadline - time.monotonic())
                 got = profile.lease_source() if self.server.accepting else BUSY
                 if got is not BUSY:
                     break
-                if loop.time() >= deadline:
+                if time.monotonic() >= deadline:
                     metrics.lock_wait("get", time.monotonic() - started)
                     self._reply_eagain(msg.request_id, msg.vm_id,
                                        "an update holds the certificate lock past the deadline",
