@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from certd import __version__
+from certd import __version__, logs
 from certd.abi import table, wire
 from certd.service import access, health, metrics
 from certd.service.leases import Lease, LeaseTable, SharedHold
@@ -72,6 +72,8 @@ class CertServer:
     counters: Counters = field(default_factory=Counters)
     connections: set["Connection"] = field(default_factory=set)
     accepting: bool = True
+    #: Refusals and protocol errors log at most once a second per peer and kind.
+    log_limit: logs.RateLimited = field(default_factory=logs.RateLimited)
     started: float = field(default_factory=time.monotonic)
     leases: LeaseTable = field(init=False)
 
@@ -170,7 +172,8 @@ class Connection(asyncio.BufferedProtocol):
                 msg = dec.next()
             except wire.WireError as err:
                 self.server.counters.protocol_errors += 1
-                self.log.info("protocol error", error=str(err), fatal=err.fatal)
+                self._note("protocol", "info", "protocol error", error=str(err),
+                           fatal=err.fatal)
                 self._send(wire.encode_wire_error(err))
                 if err.fatal:
                     self.close()
@@ -203,7 +206,7 @@ class Connection(asyncio.BufferedProtocol):
             self.decoder.eof()
         except wire.WireError as err:
             self.server.counters.protocol_errors += 1
-            self.log.info("protocol error", error=str(err), fatal=True)
+            self._note("protocol", "info", "protocol error", error=str(err), fatal=True)
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -244,7 +247,7 @@ class Connection(asyncio.BufferedProtocol):
         if not srv.rate.allow(msg.vm_id):
             srv.counters.rate_limited += 1
             wait_ms = int(1000 / srv.rate.rate) + 1
-            self.log.info("request refused", vm=msg.vm_id, why="rate limit",
+            self._note("rate", "info", "request refused", vm=msg.vm_id, why="rate limit",
                           rate_per_s=srv.rate.rate)
             self._error(rid, wire.ErrorCode.RATE_LIMITED,
                         f"VM {msg.vm_id!r} exceeds {srv.rate.rate:g} requests/s", arg=wait_ms)
@@ -316,7 +319,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         if self.leases >= srv.limits.max_leases_per_connection:
             # Here, after any wait: a GET that waited for an updater obeys the limit too.
-            self.log.info("request refused", vm=msg.vm_id, why="too many leases",
+            self._note("leases", "info", "request refused", vm=msg.vm_id, why="too many leases",
                           limit=srv.limits.max_leases_per_connection)
             self._error(rid, wire.ErrorCode.TOO_MANY_LEASES,
                         f"{self.leases} leases are live on this connection; RELEASE some first",
@@ -358,8 +361,8 @@ class Connection(asyncio.BufferedProtocol):
         srv = self.server
         srv.counters.refused += 1
         peer = self.peer.describe() if self.peer else "unknown peer"
-        self.log.warning("connection refused", why="peer not in the allow-list",
-                         allow_uids=sorted(srv.allow.uids), allow_gids=sorted(srv.allow.gids))
+        self._note("access", "warning", "connection refused", why="peer not in the allow-list",
+                   allow_uids=sorted(srv.allow.uids), allow_gids=sorted(srv.allow.gids))
         self._fail(rid, wire.ErrorCode.ACCESS_DENIED,
                    f"{peer} is not allowed to use certd (see [access] in certd.toml)")
 
@@ -373,6 +376,16 @@ class Connection(asyncio.BufferedProtocol):
         self.close()
 
     # -- plumbing
+
+    def _note(self, kind: str, level: str, event: str, **kw: Any) -> None:
+        """Log a refusal or protocol error at most once a second per peer and kind, with
+        the count of lines suppressed since: a flooding client cannot flood the log."""
+        p = self.peer
+        suppressed = self.server.log_limit.allow((kind, p.pid if p else None,
+                                                  p.uid if p else None))
+        if suppressed is not None:
+            getattr(self.log, level)(event, **kw, **({"suppressed": suppressed}
+                                                      if suppressed else {}))
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None:
