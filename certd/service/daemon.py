@@ -94,7 +94,9 @@ def limits_of(cfg: configmod.Config) -> Limits:
                   lease_timeout=s.lease_timeout_ms / 1000, idle_timeout=s.idle_timeout_s,
                   max_frame=s.max_frame,
                   max_leases_per_connection=s.max_leases_per_connection,
-                  max_connections=s.max_connections)
+                  max_connections=s.max_connections,
+                  max_connections_per_pid=s.max_connections_per_pid,
+                  max_leases_per_vm=s.max_leases_per_vm, frame_timeout=s.frame_timeout_s)
 
 
 def allow_of(cfg: configmod.Config) -> access.AllowList:

@@ -79,6 +79,8 @@ class LeaseTable:
     on_expire: Callable[[Lease], None] = lambda lease: None
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     live: dict[int, Lease] = field(default_factory=dict)
+    #: Live leases per VM id.
+    per_vm: dict[str, int] = field(default_factory=dict)
     expired: int = 0
     _timer: asyncio.TimerHandle | None = None
 
@@ -87,6 +89,7 @@ class LeaseTable:
         lease = Lease(next(self._ids), vm_id, hold, owner, loop.time() + self.timeout)
         hold.ref()
         self.live[lease.id] = lease
+        self.per_vm[vm_id] = self.per_vm.get(vm_id, 0) + 1
         if self._timer is None:
             self._timer = loop.call_at(lease.deadline, self._sweep, loop)
         return lease
@@ -123,6 +126,11 @@ class LeaseTable:
 
     def _end(self, lease: Lease) -> None:
         del self.live[lease.id]
+        n = self.per_vm[lease.vm_id] - 1
+        if n:
+            self.per_vm[lease.vm_id] = n
+        else:
+            del self.per_vm[lease.vm_id]
         lease.hold.unref()
 
     def close(self) -> None:

@@ -47,6 +47,12 @@ class Limits:
     max_leases_per_connection: int = 16
     max_requests_in_flight: int = 64
     max_connections: int = 1024
+    #: Connections one process may have open (a VMM needs one per VM at most).
+    max_connections_per_pid: int = 64
+    #: Live leases one VM id may hold (a guest has one request in flight per VMPL).
+    max_leases_per_vm: int = 4
+    #: A connection that has sent part of a frame must complete it within this time.
+    frame_timeout: float = 3.0
 
 
 @dataclass
@@ -76,12 +82,60 @@ class CertServer:
     log_limit: logs.RateLimited = field(default_factory=logs.RateLimited)
     started: float = field(default_factory=time.monotonic)
     leases: LeaseTable = field(init=False)
+    per_pid: dict[int, int] = field(default_factory=dict)
+    _sweeper: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
         self.leases = LeaseTable(self.limits.lease_timeout, on_expire=self._lease_expired)
 
     def protocol(self) -> "Connection":
         return Connection(self)
+
+    # -- admission: a newcomer always gets in while someone idle can make room
+
+    def admit(self, conn: "Connection") -> str | None:
+        """Register ``conn``, or say why not. At the connection limit the longest-idle
+        connection without leases or waiting requests (a stalled partial frame first) is
+        closed to make room: idle holders cannot lock new VMs out."""
+        lim = self.limits
+        pid = conn.peer.pid if conn.peer else None
+        if pid is not None and self.per_pid.get(pid, 0) >= lim.max_connections_per_pid:
+            return (f"process {pid} already has {lim.max_connections_per_pid} connections "
+                    "(server.max_connections_per_pid)")
+        if len(self.connections) >= lim.max_connections:
+            victim = min((c for c in self.connections if not c.leases and not c.pending),
+                         key=lambda c: (not c.partial_since, c.partial_since or c.last_active),
+                         default=None)
+            if victim is None:
+                return (f"certd serves at most {lim.max_connections} connections and every "
+                        "one has leases or requests in flight")
+            victim.evict("closed to admit a new connection: this one was the longest idle")
+        self.connections.add(conn)
+        if pid is not None:
+            self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+        return None
+
+    def forget(self, conn: "Connection") -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            pid = conn.peer.pid if conn.peer else None
+            if pid is not None:
+                n = self.per_pid.get(pid, 1) - 1
+                if n:
+                    self.per_pid[pid] = n
+                else:
+                    self.per_pid.pop(pid, None)
+
+    def _sweep(self) -> None:
+        """Once a second: close connections stuck inside a frame (slowloris)."""
+        self._sweeper = None
+        limit = time.monotonic() - self.limits.frame_timeout
+        for c in [c for c in self.connections if c.partial_since and c.partial_since < limit]:
+            c.evict(f"no whole frame within {self.limits.frame_timeout:g} s")
+        if self.connections:
+            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     def _lease_expired(self, lease: Lease) -> None:
         log.info("lease expired", lease=lease.id, vm=lease.vm_id,
@@ -121,7 +175,7 @@ class CertServer:
 
 
 class Connection(asyncio.BufferedProtocol):
-    __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases",
+    __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases", "partial_since",
                  "expired_ids", "pending", "idle", "last_active", "log")
 
     def __init__(self, server: CertServer):
@@ -135,6 +189,7 @@ class Connection(asyncio.BufferedProtocol):
         self.pending: dict[int, asyncio.Task] = {}
         self.idle: asyncio.TimerHandle | None = None
         self.last_active = 0.0
+        self.partial_since = 0.0  # when the unfinished frame in the decoder began
         self.log = log
 
     # -- asyncio callbacks
@@ -151,12 +206,12 @@ class Connection(asyncio.BufferedProtocol):
         self.allowed = self.peer is not None and srv.allow.permits(self.peer)
         self.log = log.bind(peer_pid=self.peer.pid if self.peer else None,
                             peer_uid=self.peer.uid if self.peer else None)
-        if len(srv.connections) >= srv.limits.max_connections:
-            self._fail(0, wire.ErrorCode.TOO_MANY_CONNECTIONS,
-                       f"certd serves at most {srv.limits.max_connections} connections")
-            return
-        srv.connections.add(self)
         self._touch()
+        refused = srv.admit(self)
+        if refused is not None:
+            self._note("connections", "warning", "connection refused", why=refused)
+            self._fail(0, wire.ErrorCode.TOO_MANY_CONNECTIONS, refused)
+            return
         self.idle = asyncio.get_running_loop().call_later(srv.limits.idle_timeout,
                                                           self._idle_check)
 
@@ -180,6 +235,10 @@ class Connection(asyncio.BufferedProtocol):
                     return
                 continue
             if msg is None:
+                if dec.buffered:
+                    self.partial_since = self.partial_since or self.last_active
+                else:
+                    self.partial_since = 0.0
                 return
             if not self.allowed:
                 self._refuse(msg.request_id)
@@ -211,7 +270,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
-        srv.connections.discard(self)
+        srv.forget(self)
         ended = srv.leases.release_all(self)
         if ended:
             self.log.debug("connection closed with live leases", released=ended)
@@ -317,6 +376,13 @@ class Connection(asyncio.BufferedProtocol):
             metrics.request("get", "enospc", took)
             self.log.debug("answered ENOSPC", vm=msg.vm_id, npages=msg.npages, need=need)
             return
+        if srv.leases.per_vm.get(msg.vm_id, 0) >= srv.limits.max_leases_per_vm:
+            self._note("vm-leases", "info", "request refused", vm=msg.vm_id,
+                       why="too many leases for this VM", limit=srv.limits.max_leases_per_vm)
+            self._error(rid, wire.ErrorCode.TOO_MANY_LEASES,
+                        f"VM {msg.vm_id!r} has {srv.limits.max_leases_per_vm} live leases; "
+                        "RELEASE them first", arg=srv.limits.max_leases_per_vm)
+            return
         if self.leases >= srv.limits.max_leases_per_connection:
             # Here, after any wait: a GET that waited for an updater obeys the limit too.
             self._note("leases", "info", "request refused", vm=msg.vm_id, why="too many leases",
@@ -411,6 +477,10 @@ class Connection(asyncio.BufferedProtocol):
         self.log.info("closing idle connection", idle_s=self.server.limits.idle_timeout)
         self._fail(0, wire.ErrorCode.IDLE_TIMEOUT,
                    f"no request for {self.server.limits.idle_timeout:g} s")
+
+    def evict(self, why: str) -> None:
+        self._note("evict", "info", "closing connection", why=why)
+        self._fail(0, wire.ErrorCode.IDLE_TIMEOUT, why)
 
     def close(self) -> None:
         if self.transport is not None:
