@@ -324,6 +324,7 @@ def test_close_ends_a_forever_fetch(kds, tmp_path):
         c.close()
         with pytest.raises(KdsUnavailable):
             await task
+        assert await asyncio.to_thread(c.idle, 10)
 
     asyncio.run(main())
 
@@ -335,3 +336,36 @@ def test_vlek_platform_and_missing_chip_id_are_refused(tmp_path):
         c.cached_blob(platform.replace(signing_key="vlek"))
     with pytest.raises(ValueError, match="chip id"):
         c.cached_blob(platform.replace(chip_id=None, mask_chip_id=True))
+
+
+def test_a_fetch_nobody_waits_for_any_more_stops(kds, tmp_path):
+    import asyncio
+    platform, _ = case_platform("milan")
+    kds.script(*[Reply(404)] * 10_000)
+    c = client([kds.url], tmp_path / "cache", min_backoff_s=0.02, max_backoff_s=0.02)
+
+    async def grows(by: int) -> None:
+        n = len(kds.vcek_requests())
+        for _ in range(1000):
+            if len(kds.vcek_requests()) >= n + by:
+                return
+            await asyncio.sleep(0.01)
+        pytest.fail("the fetch stopped retrying")
+
+    async def main():
+        first = asyncio.ensure_future(c.vcek_blob(platform))
+        second = asyncio.ensure_future(c.vcek_blob(platform))
+        await grows(1)
+        first.cancel()
+        # Control: one waiter is left, so the (single) fetch goes on retrying for ever
+        await grows(3)
+        assert len(c.fetching()) == 1
+        second.cancel()
+        assert await asyncio.to_thread(c.idle, 10)  # the last waiter left: the thread ends
+        assert c.fetching() == []
+        for t in (first, second):
+            with pytest.raises(asyncio.CancelledError):
+                await t
+
+    asyncio.run(main())
+    assert any(kw["kind"] == "missing" for kw in c.log.vcek_failures())

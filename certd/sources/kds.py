@@ -22,6 +22,7 @@ What it guarantees (docs/fleet.md and docs/configuration.md ``[kds]`` say the sa
 * **One request per key.** Concurrent fetches of one key share one in-flight future in a
   process, and across processes the fetcher holds an OFD lock on ``.<file>.lock`` beside
   the cache entry: a second process waits for the lock and then finds the entry.
+  A fetch whose last waiter has gone (cancelled, or timed out) stops retrying.
 * **CRLs** go into a blob only while fresh; one past ``refresh_at`` (a quarter of its
   validity, at most a day, before nextUpdate) is fetched again; a stale one is deleted.
 
@@ -267,11 +268,16 @@ class _Item:
 
 @dataclass
 class _Flight:
-    """An in-flight fetch of one key. ``deadline`` None: until it succeeds or close()."""
+    """An in-flight fetch of one key. ``deadline`` None: until it succeeds, close(), or
+    every waiter has gone (``cancel`` is then set: nobody wants that key any more, e.g. the
+    daemon stopped waiting for the VCEK of a TCB the platform has left)."""
 
     future: concurrent.futures.Future
     deadline: float | None
     failures: list[SourceFailure] = field(default_factory=list)
+    waiters: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
 
 
 class KdsClient:
@@ -297,6 +303,7 @@ class KdsClient:
         self._mutex = threading.Lock()
         self._flights: dict[tuple, _Flight] = {}
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
         #: product -> monotonic time before which a failed CRL fetch is not retried
         self._crl_quiet_until: dict[Product, float] = {}
         #: VCEK HTTP requests this client sent (for tests and `certctl kds --json`)
@@ -312,6 +319,28 @@ class KdsClient:
     def close(self) -> None:
         """Stop every retry loop (in-flight fetches end with KdsUnavailable)."""
         self._stop.set()
+        with self._mutex:
+            for flight in self._flights.values():
+                flight.cancel.set()
+
+    def fetching(self) -> list[str]:
+        """What is being fetched now (one entry per key in flight)."""
+        with self._mutex:
+            return [" ".join(map(str, key)) for key in self._flights]
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until no fetch thread runs (after close(), or once waiters have gone)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._mutex:
+                threads = [t for t in self._threads if t.is_alive()]
+                self._threads = threads
+            if not threads:
+                return True
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            threads[0].join(left)
 
     # -- what is asked for
 
@@ -415,9 +444,10 @@ class KdsClient:
             kind, why = "http", f"HTTP {r.status}"
         return None, SourceFailure(url, kind, why), retry_after
 
-    def _sleep(self, seconds: float) -> None:
-        if self._stop.wait(max(0.0, seconds)):
-            raise KdsUnavailable("fetch", [SourceFailure("-", "closed", "the client was closed")])
+    def _sleep(self, flight: _Flight, seconds: float) -> None:
+        if flight.cancel.wait(max(0.0, seconds)):
+            why = "the client was closed" if self._stop.is_set() else "nobody waits for it any more"
+            raise KdsUnavailable("fetch", [SourceFailure("-", "closed", why)])
 
     def _fetch(self, item: _Item, flight: _Flight, *, rounds: int | None = None) -> bytes:
         """Ask the sources until one gives a valid answer, the deadline passes, ``rounds``
@@ -448,7 +478,7 @@ class KdsClient:
             if (rounds is not None and n >= rounds) or (
                     flight.deadline is not None and wake >= flight.deadline):
                 raise KdsUnavailable(item.what, flight.failures)
-            self._sleep(wake - time.monotonic())
+            self._sleep(flight, wake - time.monotonic())
 
     def _cached(self, item: _Item) -> bytes | None:
         """The cache entry if it still validates; a bad one is removed (and logged)."""
@@ -483,7 +513,7 @@ class KdsClient:
                     raise KdsUnavailable(item.what, [SourceFailure(
                         str(lock_path), "busy", "another process is fetching this key and did "
                         "not finish before the deadline")])
-                self._sleep(delay)
+                self._sleep(flight, delay)
                 delay = min(delay * 2, _LOCK_POLL_CAP)
             hit = self._cached(item)  # the process we waited for fetched it
             if hit is not None:
@@ -501,10 +531,13 @@ class KdsClient:
         with self._mutex:
             flight = None if faults.unsafe("kds-coalesce") else self._flights.get(item.key)
             if flight is not None:
+                flight.waiters += 1
                 return flight
             fut: concurrent.futures.Future = concurrent.futures.Future()
             fut.set_running_or_notify_cancel()  # a waiter's cancel must not cancel the fetch
-            flight = _Flight(fut, deadline)
+            flight = _Flight(fut, deadline, waiters=1)
+            if self._stop.is_set():
+                flight.cancel.set()
             if not faults.unsafe("kds-coalesce"):
                 self._flights[item.key] = flight
 
@@ -512,16 +545,33 @@ class KdsClient:
             try:
                 result = self._produce(item, flight, rounds)
             except BaseException as e:  # delivered to every waiter
-                with self._mutex:
-                    self._flights.pop(item.key, None)
+                self._land(item.key, flight)
                 fut.set_exception(e)
             else:
-                with self._mutex:
-                    self._flights.pop(item.key, None)
+                self._land(item.key, flight)
                 fut.set_result(result)
 
-        threading.Thread(target=run, name=f"kds-{item.key[0]}", daemon=True).start()
+        flight.thread = threading.Thread(target=run, name=f"kds-{item.key[0]}", daemon=True)
+        with self._mutex:
+            self._threads.append(flight.thread)
+        flight.thread.start()
         return flight
+
+    def _land(self, key: tuple, flight: _Flight) -> None:
+        with self._mutex:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+    def _leave(self, key: tuple, flight: _Flight) -> None:
+        """A waiter stopped waiting; the last one to go before the end abandons the fetch
+        (a later request for the key starts afresh, reading what the cache has by then)."""
+        with self._mutex:
+            flight.waiters -= 1
+            if flight.waiters > 0 or flight.future.done():
+                return
+            flight.cancel.set()
+            if self._flights.get(key) is flight:
+                del self._flights[key]
 
     def _obtain_steps(self, item: _Item, deadline: float | None, rounds: int | None = None
                       ) -> Generator[tuple[concurrent.futures.Future, float | None], bool, bytes]:
@@ -530,7 +580,10 @@ class KdsClient:
         while True:
             flight = self._join(item, deadline, rounds)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done = yield flight.future, timeout
+            try:
+                done = yield flight.future, timeout
+            finally:  # also when the waiter is cancelled (the generator is closed)
+                self._leave(item.key, flight)
             if not done:
                 raise KdsUnavailable(item.what, flight.failures or [SourceFailure(
                     "-", "busy", "deadline passed while another request fetched this key")])
@@ -553,6 +606,8 @@ class KdsClient:
                 fut, timeout = steps.send(bool(done))
         except StopIteration as stop:
             return stop.value
+        finally:
+            steps.close()
 
     async def _obtain(self, item: _Item, deadline: float | None, rounds: int | None = None) -> bytes:
         steps = self._obtain_steps(item, deadline, rounds)
@@ -566,6 +621,8 @@ class KdsClient:
                 fut, timeout = steps.send(bool(done))
         except StopIteration as stop:
             return stop.value
+        finally:
+            steps.close()  # a cancelled waiter leaves the flight
 
     # -- CRLs
 
