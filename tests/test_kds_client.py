@@ -369,3 +369,29 @@ def test_a_fetch_nobody_waits_for_any_more_stops(kds, tmp_path):
 
     asyncio.run(main())
     assert any(kw["kind"] == "missing" for kw in c.log.vcek_failures())
+
+
+def test_retry_after_zero_does_not_make_a_busy_loop(kds, tmp_path):
+    platform, _ = case_platform("milan")
+    kds.script(Reply(503, b"", {"Retry-After": "0"}), Reply(503, b"", {"Retry-After": "0"}))
+    c = client([kds.url], tmp_path / "cache", min_backoff_s=0.2, max_backoff_s=0.4)
+    c.vcek_blob_sync(platform, deadline_s=20)
+    reqs = kds.vcek_requests()
+    assert len(reqs) == 3 and all(g >= 0.2 for g in gaps(reqs))
+    assert [kw["retry_in_s"] for kw in c.log.vcek_failures()] == [0.2, 0.2]
+
+
+def test_each_source_backs_off_on_its_own(tmp_path):
+    with KdsServer(served=[]) as mirror, KdsServer() as base:
+        base.script(Reply(429, b"", {"Retry-After": "1"}))
+        platform, _ = case_platform("milan")
+        c = client([mirror.url, base.url], tmp_path / "cache", min_backoff_s=0.1,
+                   max_backoff_s=0.8, rng=lambda: 0.5)
+        c.vcek_blob_sync(platform, deadline_s=20)
+        # the mirror (404, backoff 0.1, 0.2, 0.4, ...) was asked again while the base's
+        # Retry-After ran; the base was asked once more, after it
+        mirror_waits = [kw["retry_in_s"] for kw in c.log.vcek_failures()
+                        if kw["url"].startswith(mirror.url)]
+        assert mirror_waits[:3] == [0.1, 0.2, 0.4]
+        assert len(base.vcek_requests()) == 2
+        assert gaps(base.vcek_requests())[0] >= 0.95

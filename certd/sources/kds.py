@@ -4,12 +4,13 @@ What it guarantees (docs/fleet.md and docs/configuration.md ``[kds]`` say the sa
 
 * **Sources in order.** ``urls`` (config: ``kds.mirrors`` then ``kds.base_url``) are tried in
   order in each round. 404 means "this source does not have it": the next one is tried.
-* **Retries.** 429 and 5xx answers wait for ``Retry-After`` (seconds or an HTTP date) before
-  that source is asked again; any other failure (404, timeout, connection error, invalid
-  body) waits an exponential backoff with jitter from ``min_backoff_s`` capped at
-  ``max_backoff_s``. Only when every source failed does a round end; the next round starts
-  when the first source is ready again. ``deadline_s=None`` retries for ever (the daemon,
-  one log line per failed attempt); a deadline bounds it (certctl).
+* **Retries.** A source that failed is not asked again before its wait is over: after a
+  429 or 5xx with ``Retry-After`` (seconds or an HTTP date; at least min(1 s,
+  ``min_backoff_s``)) that long, after any other failure (404, timeout, connection error,
+  invalid body, 429/5xx without Retry-After) an exponential backoff with jitter from
+  ``min_backoff_s`` capped at ``max_backoff_s``, counted per source. The next attempt goes
+  to the first source (in order) that is ready. ``deadline_s=None`` retries for ever (the
+  daemon, one log line per failed attempt); a deadline bounds it (certctl).
 * **Validated before use.** A body is used (and cached) only if it parses and the whole
   blob it makes passes :func:`certd.policy.build_blob` for the key asked for: chain to the
   trust store's ARK/ASK, the TCB and the hwID of the request, dates. An error body or an
@@ -277,7 +278,6 @@ class _Flight:
     failures: list[SourceFailure] = field(default_factory=list)
     waiters: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
 
 
 class KdsClient:
@@ -308,13 +308,6 @@ class KdsClient:
         self._crl_quiet_until: dict[Product, float] = {}
         #: VCEK HTTP requests this client sent (for tests and `certctl kds --json`)
         self.requests = 0
-
-    @classmethod
-    def from_config(cls, kds_config: Any, *, trust: TrustStore, log: Any = None) -> "KdsClient":
-        """From a :class:`certd.config.KdsConfig`."""
-        c = kds_config
-        return cls(c.urls, c.cache_dir, trust=trust, timeout_s=c.timeout_s,
-                   min_backoff_s=c.min_backoff_s, max_backoff_s=c.max_backoff_s, log=log)
 
     def close(self) -> None:
         """Stop every retry loop (in-flight fetches end with KdsUnavailable)."""
@@ -450,13 +443,17 @@ class KdsClient:
             raise KdsUnavailable("fetch", [SourceFailure("-", "closed", why)])
 
     def _fetch(self, item: _Item, flight: _Flight, *, rounds: int | None = None) -> bytes:
-        """Ask the sources until one gives a valid answer, the deadline passes, ``rounds``
-        rounds failed, or close(). Updates ``flight.failures`` as it goes."""
+        """Ask the sources in order until one gives a valid answer, the deadline passes,
+        every source was asked ``rounds`` times, or the fetch is cancelled. Each source
+        waits on its own after a failure (Retry-After, else its backoff); the next attempt
+        goes to the first source that is ready. Updates ``flight.failures`` as it goes."""
         if not self.urls:
             raise KdsUnavailable(item.what, [])
         ready = {u: 0.0 for u in self.urls}
+        fails = {u: 0 for u in self.urls}
         last: dict[str, SourceFailure] = {}
-        n = 0
+        # A server answering "Retry-After: 0" again and again must not make a busy loop.
+        floor = min(1.0, self.min_backoff_s)
         while True:
             for base in self.urls:
                 if ready[base] > time.monotonic():
@@ -466,16 +463,17 @@ class KdsClient:
                     self.log.info("kds fetched", what=item.what, url=item.url(base),
                                   bytes=len(data))
                     return data
-                wait = retry_after if retry_after is not None else backoff_delay(
-                    n, self.min_backoff_s, self.max_backoff_s, self._rng())
+                wait = max(floor, retry_after) if retry_after is not None else backoff_delay(
+                    fails[base], self.min_backoff_s, self.max_backoff_s, self._rng())
+                fails[base] += 1
                 ready[base] = time.monotonic() + wait
                 last[base] = failure
                 flight.failures = [last[u] for u in self.urls if u in last]
                 self.log.warning("kds fetch failed", what=item.what, url=failure.url,
-                                 kind=failure.kind, reason=failure.reason, retry_in_s=round(wait, 3))
-            n += 1
+                                 kind=failure.kind, reason=failure.reason,
+                                 retry_in_s=round(wait, 3))
             wake = min(ready.values())
-            if (rounds is not None and n >= rounds) or (
+            if (rounds is not None and min(fails.values()) >= rounds) or (
                     flight.deadline is not None and wake >= flight.deadline):
                 raise KdsUnavailable(item.what, flight.failures)
             self._sleep(flight, wake - time.monotonic())
@@ -551,10 +549,10 @@ class KdsClient:
                 self._land(item.key, flight)
                 fut.set_result(result)
 
-        flight.thread = threading.Thread(target=run, name=f"kds-{item.key[0]}", daemon=True)
+        thread = threading.Thread(target=run, name=f"kds-{item.key[0]}", daemon=True)
         with self._mutex:
-            self._threads.append(flight.thread)
-        flight.thread.start()
+            self._threads.append(thread)
+        thread.start()
         return flight
 
     def _land(self, key: tuple, flight: _Flight) -> None:
