@@ -395,3 +395,27 @@ def test_each_source_backs_off_on_its_own(tmp_path):
         assert mirror_waits[:3] == [0.1, 0.2, 0.4]
         assert len(base.vcek_requests()) == 2
         assert gaps(base.vcek_requests())[0] >= 0.95
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand files to another owner")
+def test_root_keeps_the_cache_owned_by_the_cache_owner(kds, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chown(cache, 65534, 65534)  # the daemon's user owns its cache directory
+    platform, _ = case_platform("turin")
+    c = client([kds.url], cache)
+    c.vcek_blob_sync(platform, deadline_s=20)
+    made = [p for p in cache.rglob("*")] + [p for p in cache.rglob(".*")]
+    assert any(p.name.endswith("_vcek.der") for p in made)
+    assert any(p.name.endswith(".lock") for p in made)
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(65534, 65534)}
+
+
+def test_an_unwritable_cache_still_gives_the_blob(kds, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    platform, _ = case_platform("milan")
+    c = client([kds.url], blocker / "cache")
+    blob = c.vcek_blob_sync(platform, deadline_s=20)
+    assert leaf_of(blob) == (VECTORS / "milan_vcek.der").read_bytes()
+    assert c.log.events("kds cache write failed") and c.log.events("kds cache lock unusable")

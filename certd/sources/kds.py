@@ -221,13 +221,44 @@ def http_get(url: str, timeout_s: float) -> _Response:
 
 # --- files ----------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _cache_owner(root: Path) -> tuple[int, int] | None:
+    """(uid, gid) new cache files and directories get: the cache root's, when we are root
+    and it belongs to someone else (``certctl`` run as root must not leave entries the
+    daemon, User=certd, cannot replace or lock). None: leave ownership alone."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return None if (st.st_uid, st.st_gid) == (0, 0) else (st.st_uid, st.st_gid)
+
+
+def _make_dirs(root: Path, directory: Path) -> None:
+    """``mkdir -p directory`` (inside ``root``), giving each new level the root's owner."""
+    owner = _cache_owner(root)
+    missing = []
+    d = directory
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o755)
+        except FileExistsError:
+            continue  # another process made it meanwhile
+        if owner is not None:
+            os.chown(d, *owner)
+
+
+def _write_atomic(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
     """Temp file in the same directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -245,10 +276,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _read(path: Path) -> bytes | None:
+    """The file's bytes, or None if it cannot be read (missing, or the cache unusable)."""
     try:
         return path.read_bytes()
-    except FileNotFoundError:
+    except OSError:
         return None
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # a cache that cannot be cleaned is re-validated on every read anyway
 
 
 # --- the client -----------------------------------------------------------------------------
@@ -488,39 +527,64 @@ class KdsClient:
         except _Invalid as e:
             self.log.warning("kds cache entry dropped", what=item.what, path=str(item.path),
                              reason=str(e))
-            item.path.unlink(missing_ok=True)
+            _remove(item.path)
             return None
         return valid if item.current(valid) else None
+
+    def _store(self, item: _Item, data: bytes) -> None:
+        """Cache a validated answer. A cache that cannot be written is logged, not fatal:
+        the answer is still good."""
+        try:
+            _make_dirs(self.cache_dir, item.path.parent)
+            _write_atomic(item.path, data, _cache_owner(self.cache_dir))
+        except OSError as e:
+            self.log.warning("kds cache write failed", what=item.what, path=str(item.path),
+                             reason=e.strerror or str(e))
+
+    def _open_lock(self, item: _Item) -> int | None:
+        """The per-key lock file, opened (created with the cache's owner), or None if the
+        cache directory is unusable (logged; then this process fetches unlocked)."""
+        lock_path = item.path.with_name(f".{item.path.name}.lock")
+        try:
+            _make_dirs(self.cache_dir, lock_path.parent)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            self.log.warning("kds cache lock unusable", what=item.what, path=str(lock_path),
+                             reason=e.strerror or str(e))
+            return None
+        owner = _cache_owner(self.cache_dir)
+        if owner is not None:
+            try:
+                os.fchown(fd, *owner)
+            except OSError:
+                pass  # only a convenience for the daemon; the lock works as it is
+        return fd
 
     def _produce(self, item: _Item, flight: _Flight, rounds: int | None) -> bytes:
         """Cache, else (under the per-key OFD lock) cache again, else fetch and cache."""
         hit = self._cached(item)
         if hit is not None:
             return hit
-        if faults.unsafe("kds-coalesce"):
-            data = self._fetch(item, flight, rounds=rounds)
-            _write_atomic(item.path, data)
-            return data
-        item.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = item.path.with_name(f".{item.path.name}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = None if faults.unsafe("kds-coalesce") else self._open_lock(item)
         try:
             delay = _LOCK_POLL_FIRST
-            while not locks.try_lock(fd, exclusive=True):
+            while fd is not None and not locks.try_lock(fd, exclusive=True):
                 if flight.deadline is not None and time.monotonic() + delay >= flight.deadline:
                     raise KdsUnavailable(item.what, [SourceFailure(
-                        str(lock_path), "busy", "another process is fetching this key and did "
-                        "not finish before the deadline")])
+                        item.path.name + ".lock", "busy", "another process is fetching this "
+                        "key and did not finish before the deadline")])
                 self._sleep(flight, delay)
                 delay = min(delay * 2, _LOCK_POLL_CAP)
-            hit = self._cached(item)  # the process we waited for fetched it
-            if hit is not None:
-                return hit
+            if fd is not None:
+                hit = self._cached(item)  # the process we waited for fetched it
+                if hit is not None:
+                    return hit
             data = self._fetch(item, flight, rounds=rounds)
-            _write_atomic(item.path, data)
+            self._store(item, data)
             return data
         finally:
-            os.close(fd)  # closing the only descriptor drops the OFD lock
+            if fd is not None:
+                os.close(fd)  # closing the only descriptor drops the OFD lock
 
     # -- coalescing
 
@@ -648,7 +712,7 @@ class KdsClient:
             if cached is None or chainmod.crl_problems(cached, trust=self.trust, at=now):
                 self.log.info("kds CRL dropped", what=item.what, path=str(item.path),
                               reason="stale or invalid")
-                item.path.unlink(missing_ok=True)
+                _remove(item.path)
                 cached = None
             elif now < self.refresh_at(cached.crl):
                 return cached.der
