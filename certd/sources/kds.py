@@ -65,7 +65,7 @@ from certd.verify import chain as chainmod
 from certd.verify import pki
 
 __all__ = ["KdsClient", "KdsUnavailable", "SourceFailure", "vcek_file_name", "vcek_cache_path",
-           "parse_retry_after", "backoff_delay", "MAX_BODY"]
+           "parse_retry_after", "backoff_delay", "http_get", "MAX_BODY"]
 
 #: Largest body accepted. A VCEK is ~1.3 KB, a CRL a few KB, a cert_chain ~4 KB.
 MAX_BODY = 1 << 20
