@@ -6,8 +6,10 @@ import asyncio
 import os
 import re
 import subprocess
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from certd import client as clientmod
 from certd.abi import table, wire
@@ -134,6 +136,11 @@ def test_dev_mode_end_to_end(tmp_path):
             banner.append(line)
         commands = [l.strip() for l in banner if l.strip().startswith(str(BIN / "certctl"))]
         assert len(commands) == 4, banner
+        urls = [l.split()[1] for l in banner if l.startswith("  metrics  ")]  # metrics on
+        assert len(urls) == 1 and re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", urls[0])
+        with urllib.request.urlopen(urls[0], timeout=10) as r:
+            assert "certd_profile_state" in {
+                f.name for f in text_string_to_metric_families(r.read().decode())}
         fetch = commands[0].replace("/tmp/certs-table.bin", str(tmp_path / "t.bin"))
         for cmd in [fetch] + commands[1:]:
             r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60)

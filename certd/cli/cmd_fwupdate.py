@@ -4,7 +4,6 @@ guest can see the new key."""
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -128,51 +127,48 @@ def run(args: argparse.Namespace) -> int:
     if args.expect_tcb is not None:
         prefetched = setup.prefetch(args.expect_tcb)  # raises CliError-able SetupError
     store = blobstore.BlobStore(cfg.store.blob, setup.judge.problems)
-    timing: dict[str, Any] = {}
     outcome: dict[str, Any] = {}
 
-    def change(current: bytes | None) -> bytes:
+    def change(current: bytes | None) -> bytes | None:
         before = setup.platform.current
-        t0 = time.monotonic()
         rc = run_command(list(args.command))
-        timing["cmd_s"] = time.monotonic() - t0
         outcome["cmd_exit"] = rc
         setup.platform.observe(force=True)
         after = setup.platform.current
         outcome["platform_changed"] = after != before
         if rc != 0 and after == before:
             outcome["source"] = "unchanged"
-            return current if current is not None else table.EMPTY_TABLE
+            return None  # nothing to install: the store keeps the blob if it still fits
         got, source = setup.blob_for(after, deadline_s=args.timeout)
         outcome["source"] = source
         return got if got is not None else table.EMPTY_TABLE
 
     try:
-        r = store.update(change, timeout=args.lock_timeout)
+        r = store.update(change, timeout=args.lock_timeout, what="certctl fw-update")
     except locks.LockBusy as e:
         raise CliError(str(e), exitcodes.BUSY, waited_s=round(e.waited, 6)) from None
-    except blobstore.InvalidBlob as e:
-        # What KDS or the cache gave does not fit after all: the store already emptied a
-        # stale blob; report and fail loudly.
-        raise CliError(str(e), exitcodes.DATAERR,
-                       problems=[p.as_dict() for p in e.problems]) from None
     except blobstore.StoreError as e:
         raise CliError(str(e), exitcodes.IOERR) from None
     held = (r.released_ns - r.locked_ns) / 1e9
-    cmd_s = timing.get("cmd_s", 0.0)
     plat = setup.platform.current
-    served_empty = r.size == len(table.EMPTY_TABLE)
-    data = {"ok": outcome.get("cmd_exit") == 0, "blob": r.path, "cmd_exit": outcome.get("cmd_exit"),
+    current = store.read()
+    data = {"ok": outcome.get("cmd_exit") == 0 and not r.refused, "blob": r.path,
+            "cmd_exit": outcome.get("cmd_exit"), "outcome": r.outcome,
             "platform_changed": outcome.get("platform_changed"),
             "reported_tcb": None if plat is None else str(plat.reported_tcb),
             "source": outcome.get("source"), "prefetched": prefetched,
-            "blob_sha256": r.sha256, "empty_table": served_empty,
+            "refused": [p.as_dict() for p in r.refused],
+            "empty_table": current in (None, table.EMPTY_TABLE),
             "lock_wait_s": round(r.lock_wait_s, 6), "exclusive_s": round(held, 6),
-            "cmd_s": round(cmd_s, 6), "exclusive_without_cmd_s": round(held - cmd_s, 6)}
+            "cmd_s": round(r.change_s, 6),
+            "exclusive_without_cmd_s": round(held - r.change_s, 6)}
     emit(args, data, lambda: (
         f"CMD exited {data['cmd_exit']}; platform {'changed' if data['platform_changed'] else 'unchanged'}"
-        f" (reported TCB {data['reported_tcb']}); "
-        + ("installed the EMPTY table: the certificate could not be had in time; certd keeps "
-           "trying" if served_empty else f"blob {r.sha256[:16]}… from {data['source']}")
-        + f"\nexclusive section {held * 1000:.1f} ms, of which CMD {cmd_s * 1000:.1f} ms"))
-    return outcome.get("cmd_exit") or exitcodes.OK
+        f" (reported TCB {data['reported_tcb']}); blob {r.outcome}"
+        + (" — the EMPTY table: the certificate could not be had in time; certd keeps trying"
+           if data["empty_table"] else f" (certificate from {data['source']})")
+        + "".join(f"\nrefused: {p}" for p in r.refused)
+        + f"\nexclusive section {held * 1000:.1f} ms, of which CMD and fetch {r.change_s * 1000:.1f} ms"))
+    if outcome.get("cmd_exit"):
+        return outcome["cmd_exit"]
+    return exitcodes.DATAERR if r.refused else exitcodes.OK

@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from certd.abi import table
 from certd.amd import roots
 from certd.amd.roots import TrustStore
 from certd.platform import Platform, PlatformSource
-from certd.service import access, rotation, sdnotify
+from certd.service import access, httpd, metrics, rotation, sdnotify, unixsock
 from certd.service.watcher import BlobWatcher
 from certd.service.profiles import HoldPolicy, Judge, Profile, ProfileSet
 from certd.service.server import CertServer, Limits
@@ -47,6 +46,7 @@ class Context:
 
 
 def _log_profile(profile: Profile) -> None:
+    metrics.blob_changed(profile)
     if profile.problems:
         log.error("blob not served", profile=profile.name, blob=profile.blob_path,
                   why="; ".join(map(str, profile.problems)),
@@ -104,36 +104,11 @@ def allow_of(cfg: configmod.Config) -> access.AllowList:
 
 def bind_socket(cfg: configmod.Config) -> socket.socket:
     """Bind the configured path, refusing to steal it from a live certd."""
-    path = str(cfg.server.socket)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            raise StartupError(f"another process is serving {path}; stop it first",
-                               exitcodes.UNAVAILABLE)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # a stale socket left by a crash
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, cfg.server.socket_mode)
-        if cfg.server.socket_gid is not None:
-            os.chown(path, -1, cfg.server.socket_gid)
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        raise StartupError(f"cannot listen on {path}: {e.strerror}",
-                           exitcodes.UNAVAILABLE) from None
-    return sock
+        return unixsock.bind(str(cfg.server.socket), cfg.server.socket_mode,
+                             cfg.server.socket_gid)
+    except unixsock.BindError as e:
+        raise StartupError(str(e), e.code) from None
 
 
 class Daemon:
@@ -188,6 +163,11 @@ class Daemon:
                 _log_profile(p)
         sock = self.listener()
         srv = await loop.create_unix_server(self.server.protocol, sock=sock)
+        self.http = httpd.HttpServer(metrics.routes(self.server, srv.is_serving))
+        try:
+            await self.http.start(self.cfg.metrics.address, self.cfg.metrics.socket_mode)
+        except unixsock.BindError as e:
+            raise StartupError(f"[metrics] listen: {e}", e.code) from None
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
@@ -284,6 +264,8 @@ class Daemon:
             return
         if cfg.server.socket != self.cfg.server.socket and not self.activated:
             log.warning("server.socket changed: takes effect at the next restart")
+        if cfg.metrics != self.cfg.metrics:
+            log.warning("[metrics] changed: takes effect at the next restart")
         try:
             platform = self._platform_source(cfg, self.platform)
         except (StartupError, platformmod.PlatformError, OSError) as e:
@@ -301,6 +283,7 @@ class Daemon:
         self.profiles = build_profiles(cfg, self.judge, self.profiles)
         self.rotator.close()
         self.rotator = rotation.Rotator(self.profiles.default, setup)
+        self.rotator.check("reload")
         for p in self.profiles:
             self._ensure_blob(p)
             p.look()
@@ -310,6 +293,7 @@ class Daemon:
         srv.leases.timeout = srv.limits.lease_timeout
         srv.rate = access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst)
         self.watch()
+        self.blob_changed(None)  # look at every blob now: a profile just added is decided
         log.info("configuration reloaded", config=self.config_path)
         self.notifier.ready("reloaded; " + self.status_line())
 
@@ -331,6 +315,7 @@ class Daemon:
         self.watcher.close()
         self.rotator.close()
         self.profiles.close()
+        await self.http.close()
         log.info("certd stopped", leases_left=len(leases.live))
         self.notifier.close()
 

@@ -110,6 +110,9 @@ class Profile:
     #: "serving", "empty" (no blob), "invalid" (blob refused), "stale" (the platform or
     #: judge changed since the bytes were judged; the next look decides again).
     state: str = "empty"
+    #: True once a look at the path reached a verdict (serve, empty or invalid); an update
+    #: holding the lock at every look so far leaves it False (/readyz waits for it).
+    decided: bool = False
     store: blobstore.BlobStore = field(init=False)
     _served: bytes = table.EMPTY_TABLE
     _judged: tuple[object, int, bytes] | None = None  # (judge, epoch, bytes) of the verdict
@@ -245,7 +248,8 @@ class Profile:
             self.generation += 1
         self._served, self.problems, self.state = served, list(problems), state
         if changed:
-            self.on_change(self)
+            self.on_change(self)  # sees decided still False on the first verdict
+        self.decided = True
 
     # -- hold life -------------------------------------------------------------------
 

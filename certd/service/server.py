@@ -21,7 +21,7 @@ import structlog
 
 from certd import __version__
 from certd.abi import table, wire
-from certd.service import access
+from certd.service import access, health, metrics
 from certd.service.leases import Lease, LeaseTable, SharedHold
 from certd.service.profiles import BUSY, EMPTY, Profile, ProfileSet
 
@@ -35,6 +35,7 @@ _SHARED_RECV = memoryview(bytearray(_RECV_BUFFER))
 _RELEASED, _UNKNOWN, _EXPIRED = (int(r) for r in (wire.ReleaseResult.RELEASED,
                                                   wire.ReleaseResult.UNKNOWN,
                                                   wire.ReleaseResult.EXPIRED))
+_RELEASE_NAMES = {int(r): r.name.lower() for r in wire.ReleaseResult}
 
 
 @dataclass
@@ -105,7 +106,7 @@ class CertServer:
                 {"name": p.name, "blob": p.blob_path, "generation": p.generation,
                  "size": 0 if p.served == table.EMPTY_TABLE else len(p.served),
                  "npages": table.npages(len(p.served)),
-                 "state": p.state,
+                 **health.status_fields(p),  # state, leaf_not_after, crl_next_update
                  "problems": [str(x) for x in p.problems],
                  "vms": list(p.patterns)}
                 for p in self.profiles],
@@ -187,6 +188,7 @@ class Connection(asyncio.BufferedProtocol):
                     self._release(msg)
                 else:
                     self._send(wire.encode_status_reply(msg.request_id, self.server.status()))
+                    metrics.request("status", "ok", time.monotonic() - self.last_active)
             except Exception as e:  # a bug: answer it and keep serving everyone else
                 self.log.exception("request failed", request_id=msg.request_id,
                                    type=type(msg).__name__)
@@ -266,6 +268,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _get_later(self, msg: wire.Get, profile: Profile, wait: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        started = self.last_active  # before the first await: the read time of this request
         delay = 0.0005
         try:
             while True:
@@ -275,17 +278,22 @@ class Connection(asyncio.BufferedProtocol):
                 if got is not BUSY:
                     break
                 if loop.time() >= deadline:
+                    metrics.lock_wait("get", time.monotonic() - started)
                     self._reply_eagain(msg.request_id, msg.vm_id,
-                                       "an update holds the certificate lock past the deadline")
+                                       "an update holds the certificate lock past the deadline",
+                                       started)
                     return
+            metrics.lock_wait("get", time.monotonic() - started)
             if self.transport is not None:
-                self._answer(msg, profile, got)
+                self._answer(msg, profile, got, started)
         finally:
             self.pending.pop(msg.request_id, None)
 
-    def _answer(self, msg: wire.Get, profile: Profile, got: SharedHold | str) -> None:
+    def _answer(self, msg: wire.Get, profile: Profile, got: SharedHold | str,
+                started: float = 0.0) -> None:
         srv = self.server
         rid = msg.request_id
+        took = time.monotonic() - (started or self.last_active)
         if got is EMPTY:
             srv.counters.empty += 1
             # Unconfigured or unusable: an empty table, as KVM itself writes. With no buffer
@@ -293,6 +301,7 @@ class Connection(asyncio.BufferedProtocol):
             empty = table.EMPTY_TABLE if msg.npages else b""
             self._send(wire.encode_get_reply(rid, wire.RET_OK, table.npages(len(empty)),
                                              profile.generation, 0, empty))
+            metrics.request("get", "empty", took)
             self.log.debug("served empty table", vm=msg.vm_id, npages=msg.npages,
                            generation=profile.generation)
             return
@@ -302,6 +311,7 @@ class Connection(asyncio.BufferedProtocol):
         if msg.npages < need:
             srv.counters.enospc += 1
             self._send(wire.encode_get_reply(rid, wire.ENOSPC, need, hold.generation))
+            metrics.request("get", "enospc", took)
             self.log.debug("answered ENOSPC", vm=msg.vm_id, npages=msg.npages, need=need)
             return
         if self.leases >= srv.limits.max_leases_per_connection:
@@ -317,11 +327,13 @@ class Connection(asyncio.BufferedProtocol):
         srv.counters.served += 1
         self._sendv(wire.pack_get_reply_ok(rid, need, hold.generation, lease.id, size),
                     hold.table)
+        metrics.request("get", "ok", took)
         self.log.debug("served", vm=msg.vm_id, npages=msg.npages, size=size,
                        generation=hold.generation, lease=lease.id)
 
-    def _reply_eagain(self, rid: int, vm_id: str, why: str) -> None:
+    def _reply_eagain(self, rid: int, vm_id: str, why: str, started: float = 0.0) -> None:
         self.server.counters.eagain += 1
+        metrics.request("get", "eagain", time.monotonic() - (started or self.last_active))
         self.log.debug("answered EAGAIN", vm=vm_id, why=why)
         if self.transport is not None:
             self._send(wire.encode_get_reply(rid, wire.EAGAIN, 0, 0))
@@ -338,6 +350,7 @@ class Connection(asyncio.BufferedProtocol):
         else:
             result = _UNKNOWN
         self._send(wire.pack_release_reply(msg.request_id, lid, result))
+        metrics.request("release", _RELEASE_NAMES[result], time.monotonic() - self.last_active)
 
     # -- refusals and errors
 
@@ -352,9 +365,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _error(self, rid: int, code: wire.ErrorCode, message: str, arg: int = 0) -> None:
         self._send(wire.encode_error(rid, code, message, arg=arg))
+        metrics.error(code, "get", time.monotonic() - self.last_active)  # only GETs get here
 
     def _fail(self, rid: int, code: wire.ErrorCode, message: str) -> None:
         self._send(wire.encode_error(rid, code, message, closing=True))
+        metrics.error(code)
         self.close()
 
     # -- plumbing
