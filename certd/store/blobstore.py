@@ -248,6 +248,7 @@ class BlobStore:
         self.lock = locks.BlobLock(self.path)
         self._fault_hook = fault
         self._temp_re = journal.temp_pattern(self.name)
+        self.journal_path = journal.journal_path(self.path)
 
     # -- test hook
 
@@ -272,7 +273,7 @@ class BlobStore:
         """The journal of an update not yet settled, or None. One ``open`` when there is
         none. A journal whose writer still holds the gate is an update in progress; any
         other is the trace of one that died: :meth:`settle` the blob."""
-        return journal.read(self.path)
+        return journal.read_file(self.journal_path)
 
     # -- temp files
 
