@@ -586,3 +586,23 @@ def test_ensure_exists_never_overwrites_a_concurrent_install(milan, monkeypatch)
 def test_ensure_exists_never_overwrites_a_concurrent_install_control(milan, monkeypatch):
     assert ensure_against_a_concurrent_install(milan, monkeypatch, "ensure-recheck") is not None
     assert milan.blob.read_bytes() == EMPTY  # the installed blob was lost
+
+
+def test_concurrent_nested_installs_take_turns(milan):
+    """Two nested installs at once in one hook: the parent serves one session at a time,
+    so the second adopts the lock on the first one's new inode instead of sharing it."""
+    r = certctl("install", "--blob", str(milan.blob), str(milan.m1), "--force")
+    assert r.returncode == 0, r.stderr
+    cli = certctl_runner(milan.dir)
+    inst = f"{cli} install --blob '{milan.blob}' '{{}}' --force --timeout 5 --json > '{{}}'"
+    hook = (inst.format(milan.m2, milan.dir / "a.json") + " & "
+            + inst.format(milan.m1, milan.dir / "b.json") + " & "
+            "wait %1 && wait %2")
+    r = certctl("lock", "--blob", str(milan.blob), "--exclusive", "--", "sh", "-c", hook)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = (json.loads((milan.dir / n).read_text()) for n in ("a.json", "b.json"))
+    # one ran after the other: the later one replaced the earlier one's blob
+    first, second = sorted((a, b), key=lambda o: o["locked_monotonic_ns"])
+    assert first["released_monotonic_ns"] <= second["locked_monotonic_ns"]
+    assert second["previous_sha256"] == first["sha256"]
+    assert milan.blob.read_bytes() in (milan.m1.read_bytes(), milan.m2.read_bytes())
