@@ -606,3 +606,29 @@ def test_concurrent_nested_installs_take_turns(milan):
     assert first["released_monotonic_ns"] <= second["locked_monotonic_ns"]
     assert second["previous_sha256"] == first["sha256"]
     assert milan.blob.read_bytes() in (milan.m1.read_bytes(), milan.m2.read_bytes())
+
+
+def test_an_update_can_run_a_command_that_installs_under_its_lock(milan):
+    """What 'certctl fw-update -- CMD' needs: CMD's nested install adopts the update's
+    lock, its new blob stays locked until the update ends, and the update settles it."""
+    r = certctl("install", "--blob", str(milan.blob), str(milan.m1), "--force")
+    assert r.returncode == 0, r.stderr
+    cli = certctl_runner(milan.dir)
+    store = BlobStore(milan.blob, table_only)
+    probe = ("import fcntl, os, sys; from certd.store import locks; "
+             "fd = os.open(sys.argv[1], os.O_RDONLY); "
+             "sys.exit(0 if locks.conflicting_lock(fd) == fcntl.F_WRLCK else 4)")
+
+    def change(current):
+        cmd = f"{cli} install --blob '{milan.blob}' '{milan.m2}' --force --timeout 1 >/dev/null"
+        assert nested.run_command(store.hold, ["sh", "-c", cmd], env=child_env()) == 0
+        assert milan.blob.read_bytes() == milan.m2.read_bytes()
+        # still locked after CMD ended: the update holds the nested install's inode
+        assert subprocess.run([sys.executable, "-c", probe, str(milan.blob)], timeout=60,
+                              env=child_env()).returncode == 0
+        return None
+
+    r = store.update(change)
+    assert r.outcome == "kept" and r.settled.outcome == "kept" and store.hold is None
+    assert milan.blob.read_bytes() == milan.m2.read_bytes()
+    assert not locks.updater_waiting(milan.blob)

@@ -249,6 +249,11 @@ class BlobStore:
         self._fault_hook = fault
         self._temp_re = journal.temp_pattern(self.name)
         self.journal_path = journal.journal_path(self.path)
+        #: The exclusive hold while an update's change runs, else None: a change that runs
+        #: a command passes it to ``certd.store.nested.run_command(store.hold, cmd)`` so
+        #: that a ``certctl install`` in the command adopts it (and its new blob stays
+        #: locked until the update ends).
+        self.hold: locks.Hold | None = None
 
     # -- test hook
 
@@ -480,9 +485,11 @@ class BlobStore:
             try:
                 current = self._current(hold)
                 res.change_started_ns = time.monotonic_ns()
+                self.hold = hold
                 try:
                     blob = change(current)
                 finally:
+                    self.hold = None
                     res.change_ended_ns = time.monotonic_ns()
                 if blob is not None:
                     blob = bytes(blob)
