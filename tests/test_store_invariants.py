@@ -9,6 +9,7 @@ invariant, which the control asserts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -591,7 +592,9 @@ def test_ensure_exists_never_overwrites_a_concurrent_install_control(milan, monk
 def test_concurrent_nested_installs_take_turns(milan):
     """Two nested installs at once in one hook: the parent serves one session at a time,
     so the second adopts the lock on the first one's new inode instead of sharing it."""
-    r = certctl("install", "--blob", str(milan.blob), str(milan.m1), "--force")
+    m3 = milan.dir / "m3.blob"
+    m3.write_bytes(real_blob("milan", "milan_virtee_vcek.der"))
+    r = certctl("install", "--blob", str(milan.blob), str(m3), "--force")
     assert r.returncode == 0, r.stderr
     cli = certctl_runner(milan.dir)
     inst = f"{cli} install --blob '{milan.blob}' '{{}}' --force --timeout 5 --json > '{{}}'"
@@ -601,10 +604,11 @@ def test_concurrent_nested_installs_take_turns(milan):
     r = certctl("lock", "--blob", str(milan.blob), "--exclusive", "--", "sh", "-c", hook)
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = (json.loads((milan.dir / n).read_text()) for n in ("a.json", "b.json"))
-    # one ran after the other: the later one replaced the earlier one's blob
-    first, second = sorted((a, b), key=lambda o: o["locked_monotonic_ns"])
-    assert first["released_monotonic_ns"] <= second["locked_monotonic_ns"]
-    assert second["previous_sha256"] == first["sha256"]
+    # One ran after the other: the second replaced what the first installed. Had they
+    # shared the lock, both would have replaced m3.
+    r3 = hashlib.sha256(m3.read_bytes()).hexdigest()
+    first, second = (a, b) if a["previous_sha256"] == r3 else (b, a)
+    assert first["previous_sha256"] == r3 and second["previous_sha256"] == first["sha256"], (a, b)
     assert milan.blob.read_bytes() in (milan.m1.read_bytes(), milan.m2.read_bytes())
 
 
