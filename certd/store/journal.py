@@ -113,9 +113,14 @@ def write(blob_path: str, what: str) -> JournalInfo | None:
 
 
 def read(blob_path: str) -> JournalInfo | None:
-    """The pending journal, or None. One ``open`` when there is none (the daemon calls this
-    before every new shared hold). Never raises for a garbage journal: it is pending too."""
-    path = journal_path(blob_path)
+    """The pending journal of the blob at ``blob_path``, or None (see :func:`read_file`)."""
+    return read_file(journal_path(blob_path))
+
+
+def read_file(path: str) -> JournalInfo | None:
+    """The journal at ``path``, or None. One ``open`` when there is none (the daemon calls
+    this before every new shared hold). Never raises for a garbage journal: it is pending
+    too."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
