@@ -20,15 +20,7 @@ from certd.client import AsyncClient
 from tests.daemon_support import (BIN, NO_RATE_LIMIT, DaemonProc, build_loadgen, counters_when,
                                   fd_count, make_daemon, plain_updater,
                                   plain_updater_wait,
-                                  reload, status_of, with_server_keys)
-
-
-def stopped(d: DaemonProc) -> str:
-    rc = d.stop()
-    log = d.log()
-    assert rc == 0, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-    return log
+                                  reload, status_of, stopped, with_server_keys)
 
 
 class HeldUpdater:
