@@ -29,7 +29,7 @@ from certd.abi.tcb import Tcb
 from tests.daemon_support import (BIN, NO_RATE_LIMIT, VECTORS, DaemonProc, OverlappingLeases,
                                   make_daemon, make_dev_daemon, make_vector_daemon,
                                   dev_vcek_blob, dev_vlek_blob, reload, status_of, stopped,
-                                  vector_blob, vector_platform, with_server_keys)
+                                  vector_platform, with_server_keys)
 from tests.vector_pairs import VLEK_AT
 
 #: No hold retires by age within a test: only the check under test can stop a stale hold.
