@@ -28,8 +28,8 @@ from certd.amd import roots
 from certd.abi.tcb import Tcb
 from tests.daemon_support import (BIN, NO_RATE_LIMIT, VECTORS, DaemonProc, OverlappingLeases,
                                   make_daemon, make_dev_daemon, make_vector_daemon,
-                                  dev_vcek_blob, dev_vlek_blob, reload, status_of,
-                                  vector_blob, vector_platform, with_server_keys)
+                                  dev_vcek_blob, dev_vlek_blob, reload, status_of, stopped,
+                                  vector_platform, with_server_keys)
 from tests.vector_pairs import VLEK_AT
 
 #: No hold retires by age within a test: only the check under test can stop a stale hold.
@@ -47,15 +47,6 @@ def gets(socket_path: str, n: int = 5, vm: str = "vm-new") -> list[clientmod.Get
             if r.lease_id:
                 c.release(r.lease_id)
     return out
-
-
-def stopped(d: DaemonProc) -> str:
-    """Stop ``d`` (asserting a clean exit) and return its log."""
-    rc = d.stop()
-    log = d.log()
-    assert rc == 0, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-    return log
 
 
 # --- item 2: a platform change reaches the very next lease -------------------------------
