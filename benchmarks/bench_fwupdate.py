@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
+import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -49,11 +49,10 @@ def pct(xs: list[float], q: float) -> float:
 
 
 class Recorder:
-    """(monotonic ns, sha256 of the table) of every answer / read, thread-safe enough
-    (list.append is atomic in CPython)."""
+    """(monotonic ns, sha256 of the table, ret) of every answer / read."""
 
-    def __init__(self):
-        self.seen: list[tuple[int, str, int]] = []  # (ns, sha, ret)
+    def __init__(self, seen=None):
+        self.seen: list[tuple[int, str, int]] = list(seen or [])
 
     def first_after(self, t_ns: int, sha: str) -> int | None:
         return next((ns for ns, h, ret in self.seen if ns >= t_ns and h == sha), None)
@@ -66,7 +65,7 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-async def clients(sock: str, n: int, stop: threading.Event, rec: Recorder) -> None:
+async def clients(sock: str, n: int, stop, rec: Recorder) -> None:
     async def one(i: int) -> None:
         async with AsyncClient(sock) as c:
             while not stop.is_set():
@@ -77,7 +76,7 @@ async def clients(sock: str, n: int, stop: threading.Event, rec: Recorder) -> No
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def qemu_reader(path: str, stop: threading.Event, rec: Recorder) -> None:
+def qemu_reader(path: str, stop, rec: Recorder) -> None:
     while not stop.is_set():
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -90,6 +89,19 @@ def qemu_reader(path: str, stop: threading.Event, rec: Recorder) -> None:
             rec.seen.append((time.monotonic_ns(), sha(data), 0))
         finally:
             os.close(fd)
+
+
+def run_clients(sock: str, n: int, stop, out) -> None:
+    """A process of its own: the clients must not share a GIL with the reader."""
+    rec = Recorder()
+    asyncio.run(clients(sock, n, stop, rec))
+    out.put(rec.seen)
+
+
+def run_reader(path: str, stop, out) -> None:
+    rec = Recorder()
+    qemu_reader(path, stop, rec)
+    out.put(rec.seen)
 
 
 def main() -> int:
@@ -113,19 +125,18 @@ def main() -> int:
     (tmp / "certd.toml").write_text(text)
     d = DaemonProc(tmp, text)
     d.start()
-    stop = threading.Event()
-    via_socket, via_file = Recorder(), Recorder()
-    threads = [threading.Thread(target=lambda: asyncio.run(
-        clients(d.socket, args.clients, stop, via_socket)), daemon=True),
-        threading.Thread(target=qemu_reader, args=(str(d.blob), stop, via_file), daemon=True)]
-    hooks = []
+    ctx = mp.get_context("fork")
+    stop, q_sock, q_file = ctx.Event(), ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=run_clients, args=(d.socket, args.clients, stop, q_sock)),
+             ctx.Process(target=run_reader, args=(str(d.blob), stop, q_file))]
+    hooks, raw = [], []
     try:
         end = time.monotonic() + 30
         while policy.parse_blob(d.blob.read_bytes()).leaf is None:  # the first rotation
             assert time.monotonic() < end, "certd never fetched its first VCEK"
             time.sleep(0.05)
-        for t in threads:
-            t.start()
+        for pr in procs:
+            pr.start()
         time.sleep(0.5)  # clients and reader running
         for i in range(args.hooks):
             plat = platformmod.load(pf)
@@ -139,21 +150,26 @@ def main() -> int:
             out = r.stdout[r.stdout.index("{"):]
             res = json.loads(out)
             assert r.returncode == 0 and not res["empty_table"], r.stdout + r.stderr
-            new = sha(d.blob.read_bytes())
-            rel = res["released_monotonic_ns"]
+            raw.append((t0, t1, res, sha(d.blob.read_bytes())))
             time.sleep(0.05)  # let both see it
-            s_first, f_first = via_socket.first_after(rel, new), via_file.first_after(rel, new)
-            hooks.append({"exclusive_without_cmd_ms": res["exclusive_without_cmd_s"] * 1000,
-                          "cmd_ms": res["cmd_s"] * 1000,
-                          "eagain": via_socket.count(wire.EAGAIN, t0, t1),
-                          "socket_after_release_ms": None if s_first is None else (s_first - rel) / 1e6,
-                          "file_after_release_ms": None if f_first is None else (f_first - rel) / 1e6})
     finally:
         stop.set()
-        for t in threads:
-            t.join(10)
+        via_socket = Recorder(q_sock.get(timeout=60)) if procs[0].pid else Recorder()
+        via_file = Recorder(q_file.get(timeout=60)) if procs[1].pid else Recorder()
+        for pr in procs:
+            pr.join(10)
+            if pr.is_alive():
+                pr.kill()
         d.stop()
         kds.stop()
+    for t0, t1, res, new in raw:
+        rel = res["released_monotonic_ns"]
+        s_first, f_first = via_socket.first_after(rel, new), via_file.first_after(rel, new)
+        hooks.append({"exclusive_without_cmd_ms": res["exclusive_without_cmd_s"] * 1000,
+                      "cmd_ms": res["cmd_s"] * 1000,
+                      "eagain": via_socket.count(wire.EAGAIN, t0, t1),
+                      "socket_after_release_ms": None if s_first is None else (s_first - rel) / 1e6,
+                      "file_after_release_ms": None if f_first is None else (f_first - rel) / 1e6})
     ex = [h["exclusive_without_cmd_ms"] for h in hooks]
     sock_ms = [h["socket_after_release_ms"] for h in hooks if h["socket_after_release_ms"] is not None]
     file_ms = [h["file_after_release_ms"] for h in hooks if h["file_after_release_ms"] is not None]
