@@ -143,10 +143,10 @@ def entry_info(index: int, entry: table.Entry, span: tuple[int, int] | None) -> 
     try:
         if role is table.Role.CRL:
             crl = pki.crl_from_der(entry.data, source)
-            nxt = crl.crl.next_update_utc
+            nxt = crl.next_update
             info.update(kind="CRL", issuer=crl.issuer_cn,
                         product=crl.product.value if crl.product else None,
-                        this_update=crl.crl.last_update_utc.isoformat(),
+                        this_update=crl.this_update.isoformat(),
                         next_update=nxt.isoformat() if nxt else None,
                         revoked=[f"0x{s:x}" for s in crl.revoked_serials()])
             return info
