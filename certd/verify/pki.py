@@ -177,27 +177,23 @@ def _serial_of(der: bytes) -> int | None:
         return None
 
 
-def parse_der_certificate(der: bytes, source: str) -> x509.Certificate:
-    """DER -> Certificate, accepting AMD's serial number 0."""
-    with warnings.catch_warnings():
-        # Exactly the serial-number deprecation, nothing else (filterwarnings=error in tests
-        # keeps any other warning visible). Note: catch_warnings is process-global state.
-        warnings.filterwarnings("ignore", message=_SERIAL_WARNING,
-                                category=CryptographyDeprecationWarning)
-        try:
-            return x509.load_der_x509_certificate(der)
-        except (ValueError, x509.InvalidVersion) as e:
-            serial = _serial_of(der)
-            if serial is not None and serial <= 0:
-                raise PkiError(
-                    f"{source}: certificate has serial number {serial}, as AMD issues every "
-                    f"VCEK/VLEK, and cryptography {cryptography.__version__} refuses to parse "
-                    "it (RFC 5280 wants positive serials). certd needs a cryptography release "
-                    "that still accepts them (pyproject pins <51)") from None
-            raise PkiError(f"{source}: not a valid DER X.509 certificate ({e})") from None
+def _parse_der_certificate(der: bytes, source: str) -> x509.Certificate:
+    """DER -> Certificate, accepting AMD's serial number 0 (inside a _Reader, which keeps
+    the serial-number warning quiet)."""
+    try:
+        return x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion) as e:
+        serial = _serial_of(der)
+        if serial is not None and serial <= 0:
+            raise PkiError(
+                f"{source}: certificate has serial number {serial}, as AMD issues every "
+                f"VCEK/VLEK, and cryptography {cryptography.__version__} refuses to parse "
+                "it (RFC 5280 wants positive serials). certd needs a cryptography release "
+                "that still accepts them (pyproject pins <51)") from None
+        raise PkiError(f"{source}: not a valid DER X.509 certificate ({e})") from None
 
 
-def parse_der_crl(der: bytes, source: str) -> x509.CertificateRevocationList:
+def _parse_der_crl(der: bytes, source: str) -> x509.CertificateRevocationList:
     try:
         return x509.load_der_x509_crl(der)
     except (ValueError, x509.InvalidVersion) as e:
@@ -221,7 +217,8 @@ class _Reader:
     the wrong length, say): a certificate it only half accepts is malformed, and a warning
     must not escape to the daemon's stderr (or become an error under ``-W error``). The
     serial-number warning is the exception: AMD's leaves all carry serial 0.
-    ``CERTD_UNSAFE=total-policy`` lets both through (the fuzz test's negative control).
+    ``CERTD_UNSAFE=total-policy`` lets both through (the fuzz test's negative control),
+    all but the serial-number warning, as before this class existed.
     """
 
     def __init__(self, source: str, what: str):
@@ -229,17 +226,17 @@ class _Reader:
         self.safe = not faults.unsafe("total-policy")
 
     def __enter__(self) -> "_Reader":
+        self._guard = warnings.catch_warnings(record=self.safe)
+        self._seen = self._guard.__enter__()
         if self.safe:
-            self._guard = warnings.catch_warnings(record=True)
-            self._seen = self._guard.__enter__()
-            warnings.simplefilter("always")
+            warnings.simplefilter("always")  # recorded, then judged in __call__
+        else:
             warnings.filterwarnings("ignore", message=_SERIAL_WARNING,
                                     category=CryptographyDeprecationWarning)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.safe:
-            self._guard.__exit__(*exc_info)
+        self._guard.__exit__(*exc_info)
 
     def __call__(self, field: str, read):
         if not self.safe:
@@ -252,15 +249,23 @@ class _Reader:
             raise PkiError(f"{self.source}: {self.what} has an unreadable {field} "
                            f"({_brief(e)})") from None
         if self._seen:
-            raise PkiError(f"{self.source}: {self.what} has a malformed {field} "
-                           f"(cryptography warns: {self._seen[0].message})")
+            bad = [w for w in self._seen if not (w.category is CryptographyDeprecationWarning
+                                                 and re.match(_SERIAL_WARNING, str(w.message)))]
+            if bad:
+                raise PkiError(f"{self.source}: {self.what} has a malformed {field} "
+                               f"(cryptography warns: {bad[0].message})")
+            self._seen.clear()
         return value
 
 
 def _brief(e: BaseException) -> str:
-    """cryptography's message, without the Rust parser's location dump."""
+    """cryptography's message; for its ASN.1 parser's, the kind of error without the dump
+    of Rust parser locations ("error parsing asn1 value: ParseError { kind: ... }")."""
     text = str(e) or type(e).__name__
-    return re.sub(r"\s*\{.*", "", text) if text.startswith("error parsing asn1") else text
+    if text.startswith("error parsing asn1 value"):
+        kind = re.search(r"kind: (\w+)", text)
+        return f"malformed DER: {kind.group(1) if kind else text}"
+    return text
 
 
 def _signature_hash(read_hash) -> hashes.HashAlgorithm | None:
@@ -358,12 +363,12 @@ def clear_cache() -> None:
 @functools.lru_cache(maxsize=128)
 def _cert_from_der(der: bytes, source: str) -> Cert:
     with _Reader(source, "certificate") as r:
-        cert = r("DER encoding", lambda: parse_der_certificate(der, source))
+        cert = r("DER encoding", lambda: _parse_der_certificate(der, source))
         subject = r("subject name", lambda: cert.subject)
         issuer = r("issuer name", lambda: cert.issuer)
         extensions = r("extensions", lambda: cert.extensions)
         public_key = r("public key", cert.public_key)
-        serial = r("serial number", lambda: serial_number(cert))
+        serial = r("serial number", lambda: cert.serial_number)  # warning handled by r
         not_before = r("notBefore date", lambda: cert.not_valid_before_utc)
         not_after = r("notAfter date", lambda: cert.not_valid_after_utc)
         r("signature algorithm", lambda: cert.signature_algorithm_oid)
@@ -378,7 +383,7 @@ def _cert_from_der(der: bytes, source: str) -> Cert:
 @functools.lru_cache(maxsize=128)
 def _crl_from_der(der: bytes, source: str) -> Crl:
     with _Reader(source, "CRL") as r:
-        crl = r("DER encoding", lambda: parse_der_crl(der, source))
+        crl = r("DER encoding", lambda: _parse_der_crl(der, source))
         issuer = r("issuer name", lambda: crl.issuer)
         this_update = r("thisUpdate date", lambda: crl.last_update_utc)
         next_update = r("nextUpdate date", lambda: crl.next_update_utc)
