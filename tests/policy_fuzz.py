@@ -200,8 +200,7 @@ def run(case: Case, n: int, seed: int) -> Result:
             continue
         if any(p.check == "format" for p in problems):
             res.format_problems += 1
-        if any(" has an unreadable " in p.message or " has a malformed " in p.message
-               for p in problems):
+        if any(": unreadable " in p.message or ": malformed " in p.message for p in problems):
             res.unreadable_fields += 1
     res.seconds = time.perf_counter() - t0
     return res

@@ -184,20 +184,20 @@ def _parse_der_certificate(der: bytes, source: str) -> x509.Certificate:
         return x509.load_der_x509_certificate(der)
     except (ValueError, x509.InvalidVersion) as e:
         serial = _serial_of(der)
-        if serial is not None and serial <= 0:
+        if serial is not None and serial <= 0 and "serial" in str(e).lower():
             raise PkiError(
                 f"{source}: certificate has serial number {serial}, as AMD issues every "
                 f"VCEK/VLEK, and cryptography {cryptography.__version__} refuses to parse "
                 "it (RFC 5280 wants positive serials). certd needs a cryptography release "
                 "that still accepts them (pyproject pins <51)") from None
-        raise PkiError(f"{source}: not a valid DER X.509 certificate ({e})") from None
+        raise PkiError(f"{source}: not a valid DER X.509 certificate ({_brief(e)})") from None
 
 
 def _parse_der_crl(der: bytes, source: str) -> x509.CertificateRevocationList:
     try:
         return x509.load_der_x509_crl(der)
     except (ValueError, x509.InvalidVersion) as e:
-        raise PkiError(f"{source}: not a valid DER X.509 CRL ({e})") from None
+        raise PkiError(f"{source}: not a valid DER X.509 CRL ({_brief(e)})") from None
 
 
 # --- reading every lazily parsed field, once ---------------------------------------------
@@ -246,26 +246,29 @@ class _Reader:
         except PkiError:
             raise
         except _UNREADABLE as e:
-            raise PkiError(f"{self.source}: {self.what} has an unreadable {field} "
+            raise PkiError(f"{self.source}: unreadable {self.what} {field} "
                            f"({_brief(e)})") from None
         if self._seen:
             bad = [w for w in self._seen if not (w.category is CryptographyDeprecationWarning
                                                  and re.match(_SERIAL_WARNING, str(w.message)))]
             if bad:
-                raise PkiError(f"{self.source}: {self.what} has a malformed {field} "
+                raise PkiError(f"{self.source}: malformed {self.what} {field} "
                                f"(cryptography warns: {bad[0].message})")
             self._seen.clear()
         return value
 
 
 def _brief(e: BaseException) -> str:
-    """cryptography's message; for its ASN.1 parser's, the kind of error without the dump
-    of Rust parser locations ("error parsing asn1 value: ParseError { kind: ... }")."""
+    """cryptography's message; its ASN.1 parser's made readable: "error parsing asn1 value:
+    ParseError { kind: InvalidValue, location: ["TBSCertList::this_update", ...] }" becomes
+    "malformed DER: InvalidValue at TBSCertList::this_update > ..."."""
     text = str(e) or type(e).__name__
-    if text.startswith("error parsing asn1 value"):
-        kind = re.search(r"kind: (\w+)", text)
-        return f"malformed DER: {kind.group(1) if kind else text}"
-    return text
+    kind = re.search(r"kind: (\w+)", text)
+    if not text.startswith("error parsing asn1 value") or not kind:
+        return text
+    where = re.search(r"location: \[(.*)\]", text)
+    steps = [x.strip().strip('"') for x in where.group(1).split(",")] if where else []
+    return f"malformed DER: {kind.group(1)}" + (f" at {' > '.join(steps)}" if steps else "")
 
 
 def _signature_hash(read_hash) -> hashes.HashAlgorithm | None:
