@@ -18,7 +18,6 @@ certificates, and have no side effects.
 
 from __future__ import annotations
 
-import functools
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
@@ -47,9 +46,33 @@ def _fmt(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def pss_signature_error(issuer_key, signature: bytes, data: bytes, algo_oid, hash_algo,
-                        what: str, by: str) -> str | None:
-    """None if ``signature`` over ``data`` verifies as AMD's PSS by ``issuer_key``."""
+#: (issuer SubjectPublicKeyInfo, signature, signed bytes) -> verified. Verification is a
+#: pure function of these, and RSA-4096 is most of a check's cost: the daemon re-checks
+#: the blob it serves, and one corrupted entry leaves the other signatures as they were.
+_PSS_VERIFIED: dict[tuple[bytes, bytes, bytes], bool] = {}
+_PSS_MEMO_MAX = 512
+
+
+def _pss_verifies(issuer_key: rsa.RSAPublicKey, issuer_spki: bytes, signature: bytes,
+                  data: bytes) -> bool:
+    memo = (issuer_spki, signature, data)
+    ok = _PSS_VERIFIED.get(memo)
+    if ok is None:
+        try:
+            issuer_key.verify(signature, data, PSS, hashes.SHA384())
+            ok = True
+        except InvalidSignature:
+            ok = False
+        if len(_PSS_VERIFIED) >= _PSS_MEMO_MAX:
+            _PSS_VERIFIED.clear()
+        _PSS_VERIFIED[memo] = ok
+    return ok
+
+
+def pss_signature_error(issuer_key, issuer_spki: bytes, signature: bytes, data: bytes,
+                        algo_oid, hash_algo, what: str, by: str) -> str | None:
+    """None if ``signature`` over ``data`` verifies as AMD's PSS by ``issuer_key`` (whose
+    DER SubjectPublicKeyInfo is ``issuer_spki``)."""
     if algo_oid != SignatureAlgorithmOID.RSASSA_PSS:
         return f"{what} is signed with {getattr(algo_oid, '_name', algo_oid.dotted_string)}, " \
                "not RSASSA-PSS"
@@ -57,22 +80,16 @@ def pss_signature_error(issuer_key, signature: bytes, data: bytes, algo_oid, has
         return f"{what} signature uses {getattr(hash_algo, 'name', hash_algo)}, not SHA-384"
     if not isinstance(issuer_key, rsa.RSAPublicKey):
         return f"{by} has no RSA key, so it cannot have signed {what}"
-    try:
-        issuer_key.verify(signature, data, PSS, hashes.SHA384())
-    except InvalidSignature:
+    if not _pss_verifies(issuer_key, issuer_spki, signature, data):
         return f"{what} is not signed by {by} (RSASSA-PSS SHA-384 salt {PSS_SALT})"
     return None
 
 
-# Memoized: Cert and Crl are immutable and pki memoizes them by their bytes, so the same
-# certificate pair (or CRL and pinned ARK) is the same objects and gets the same answer;
-# the daemon re-checks the blob it serves often, and RSA-4096 verification is most of it.
-@functools.lru_cache(maxsize=256)
 def signature_error(subject: Cert, issuer: Cert) -> str | None:
     c = subject.cert
-    return pss_signature_error(issuer.public_key, c.signature, c.tbs_certificate_bytes,
-                               c.signature_algorithm_oid, subject.signature_hash,
-                               subject.describe(), issuer.describe())
+    return pss_signature_error(issuer.public_key, issuer.spki, c.signature,
+                               c.tbs_certificate_bytes, c.signature_algorithm_oid,
+                               subject.signature_hash, subject.describe(), issuer.describe())
 
 
 def validity_problems(cert: Cert, at: datetime) -> list[Problem]:
@@ -102,7 +119,7 @@ def verify_chain(ark: Cert, intermediate: Cert, leaf: Cert | None, *, trust: Tru
     # --- ARK: pinned and self-signed.
     if ark.product is None:
         chain(f"{ark.describe()} names no known product, so no pinned ARK can match it")
-    elif not trust.is_pinned(ark.product, "ARK", ark.cert):
+    elif not trust.is_pinned(ark.product, "ARK", ark.spki):
         chain(f"{ark.describe()} is not the pinned {ark.product.value} ARK of the {trust.name} "
               "trust store (pinned roots are the only anchors; names prove nothing)")
     if ark.issuer != ark.subject:
@@ -114,7 +131,7 @@ def verify_chain(ark: Cert, intermediate: Cert, leaf: Cert | None, *, trust: Tru
     # --- ASK / ASVK: pinned, issued and signed by the ARK.
     role = "ASVK" if intermediate.kind is Kind.ASVK else "ASK"
     if intermediate.product is not None and not trust.is_pinned(intermediate.product, role,
-                                                                intermediate.cert):
+                                                                intermediate.spki):
         chain(f"{intermediate.describe()} is not the pinned {intermediate.product.value} {role} "
               f"of the {trust.name} trust store")
     if intermediate.issuer != ark.subject:
@@ -159,18 +176,18 @@ def crl_authenticity_problems(crl: Crl, *, trust: TrustStore) -> list[Problem]:
     if crl.issuer != ark.subject:
         problems.append(Problem("revocation", f"{what}: issuer name differs from the pinned "
                                               f"{crl.product.value} ARK"))
-    err = crl_signature_error(crl, ark)
+    err = crl_signature_error(crl, ark, trust.key(crl.product, "ARK"))
     if err:
         problems.append(Problem("revocation", err))
     return problems
 
 
-@functools.lru_cache(maxsize=64)  # as signature_error (x509.Certificate hashes its bytes)
-def crl_signature_error(crl: Crl, ark: x509.Certificate) -> str | None:
-    """None if ``ark`` signed ``crl`` with AMD's PSS parameters."""
-    return pss_signature_error(ark.public_key(), crl.crl.signature, crl.crl.tbs_certlist_bytes,
-                               crl.crl.signature_algorithm_oid, crl.signature_hash,
-                               f"CRL from {crl.issuer_cn!r} ({crl.source})",
+def crl_signature_error(crl: Crl, ark: x509.Certificate, ark_spki: bytes) -> str | None:
+    """None if ``ark`` (DER SubjectPublicKeyInfo ``ark_spki``) signed ``crl`` with AMD's
+    PSS parameters."""
+    return pss_signature_error(ark.public_key(), ark_spki, crl.crl.signature,
+                               crl.crl.tbs_certlist_bytes, crl.crl.signature_algorithm_oid,
+                               crl.signature_hash, f"CRL from {crl.issuer_cn!r} ({crl.source})",
                                f"the pinned {common_name(ark.subject)}")
 
 

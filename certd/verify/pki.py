@@ -41,7 +41,7 @@ from pathlib import Path
 import cryptography
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
@@ -95,6 +95,7 @@ class Cert:
     subject_cn: str | None
     issuer_cn: str | None
     public_key: CertificatePublicKeyTypes
+    spki: bytes  # DER SubjectPublicKeyInfo: what "the same key" compares
     serial: int  # not cert.serial_number: cryptography warns on every access to serial 0
     not_before: datetime
     not_after: datetime
@@ -371,6 +372,8 @@ def _cert_from_der(der: bytes, source: str) -> Cert:
         issuer = r("issuer name", lambda: cert.issuer)
         extensions = r("extensions", lambda: cert.extensions)
         public_key = r("public key", cert.public_key)
+        spki = r("public key", lambda: public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
         serial = r("serial number", lambda: cert.serial_number)  # warning handled by r
         not_before = r("notBefore date", lambda: cert.not_valid_before_utc)
         not_after = r("notAfter date", lambda: cert.not_valid_after_utc)
@@ -380,7 +383,7 @@ def _cert_from_der(der: bytes, source: str) -> Cert:
         r("signature", lambda: (cert.signature, cert.tbs_certificate_bytes))
     kind, product, ext = classify(subject, issuer, extensions, source)
     return Cert(cert, der, kind, product, source, ext, subject, issuer, common_name(subject),
-                common_name(issuer), public_key, serial, not_before, not_after, signature_hash)
+                common_name(issuer), public_key, spki, serial, not_before, not_after, signature_hash)
 
 
 @functools.lru_cache(maxsize=128)
