@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     entries = [certinfo.entry_info(i, e, t.spans[i] if i < len(t.spans) else None)
                for i, e in enumerate(t.entries)]
     malformed = [e for e in entries if "error" in e]
-    data_out = {"ok": not malformed, "blob": args.blob, "size": len(data), "npages": table.npages(len(data)),
+    data_out = {"ok": not malformed, "blob": args.blob, "size": len(data),
+                "npages": table.npages(len(data)),
                 "fits_guest_limit": len(data) <= table.GUEST_MAX_SIZE, "entries": entries}
 
     def text() -> str:

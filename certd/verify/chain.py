@@ -69,6 +69,11 @@ def _pss_verifies(issuer_key: rsa.RSAPublicKey, issuer_spki: bytes, signature: b
     return ok
 
 
+def clear_cache() -> None:
+    """Forget memoized verifications (benchmarks measure the cold cost with it)."""
+    _PSS_VERIFIED.clear()
+
+
 def pss_signature_error(issuer_key, issuer_spki: bytes, signature: bytes, data: bytes,
                         algo_oid, hash_algo, what: str, by: str) -> str | None:
     """None if ``signature`` over ``data`` verifies as AMD's PSS by ``issuer_key`` (whose

@@ -383,7 +383,8 @@ def _cert_from_der(der: bytes, source: str) -> Cert:
         r("signature", lambda: (cert.signature, cert.tbs_certificate_bytes))
     kind, product, ext = classify(subject, issuer, extensions, source)
     return Cert(cert, der, kind, product, source, ext, subject, issuer, common_name(subject),
-                common_name(issuer), public_key, spki, serial, not_before, not_after, signature_hash)
+                common_name(issuer), public_key, spki, serial, not_before, not_after,
+                signature_hash)
 
 
 @functools.lru_cache(maxsize=128)
