@@ -104,3 +104,17 @@ def test_negative_control_traceback_without_the_protection(blobs):
     r = certctl("verify", str(blobs["bad"]), env=env)
     assert "Traceback" in r.stderr and r.returncode != exitcodes.DATAERR
     assert "ValueError" in r.stderr
+
+
+def test_build_refuses_a_corrupted_input_with_65(blobs, tmp_path):
+    good = blobs["good"].read_bytes()
+    bad = blobs["bad"].read_bytes()
+    off, n = table.decode(good).spans[2]
+    vcek = tmp_path / "vcek.der"
+    vcek.write_bytes(bad[off:off + n])
+    out = tmp_path / "out.blob"
+    r = certctl("build", "--chain", str(VECTORS / "milan_cert_chain.pem"), "--vcek", str(vcek),
+                "-o", str(out))
+    assert r.returncode == exitcodes.DATAERR and "Traceback" not in r.stderr
+    assert f"{vcek}: unreadable certificate public key (Invalid key)" in r.stderr
+    assert not out.exists()
