@@ -258,6 +258,13 @@ class _Reader:
             self._seen.clear()
         return value
 
+    def signature(self, signed: x509.Certificate | x509.CertificateRevocationList,
+                  ) -> hashes.HashAlgorithm | None:
+        """Read the signature fields (of a certificate or a CRL); return the hash algorithm,
+        None if cryptography does not support it."""
+        self("signature", lambda: (signed.signature_algorithm_oid, signed.signature))
+        return self("signature algorithm parameters", lambda: _signature_hash(signed))
+
 
 def _brief(e: BaseException) -> str:
     """cryptography's message; its ASN.1 parser's made readable: "error parsing asn1 value:
@@ -272,9 +279,10 @@ def _brief(e: BaseException) -> str:
     return f"malformed DER: {kind.group(1)}" + (f" at {' > '.join(steps)}" if steps else "")
 
 
-def _signature_hash(read_hash) -> hashes.HashAlgorithm | None:
+def _signature_hash(signed: x509.Certificate | x509.CertificateRevocationList,
+                    ) -> hashes.HashAlgorithm | None:
     try:
-        return read_hash()
+        return signed.signature_hash_algorithm
     except UnsupportedAlgorithm:  # a well-formed but unknown algorithm: chain checks say so
         return None
 
@@ -377,10 +385,8 @@ def _cert_from_der(der: bytes, source: str) -> Cert:
         serial = r("serial number", lambda: cert.serial_number)  # warning handled by r
         not_before = r("notBefore date", lambda: cert.not_valid_before_utc)
         not_after = r("notAfter date", lambda: cert.not_valid_after_utc)
-        r("signature algorithm", lambda: cert.signature_algorithm_oid)
-        signature_hash = r("signature algorithm parameters",
-                           lambda: _signature_hash(lambda: cert.signature_hash_algorithm))
-        r("signature", lambda: (cert.signature, cert.tbs_certificate_bytes))
+        signature_hash = r.signature(cert)
+        r("signed part", lambda: cert.tbs_certificate_bytes)
     kind, product, ext = classify(subject, issuer, extensions, source)
     return Cert(cert, der, kind, product, source, ext, subject, issuer, common_name(subject),
                 common_name(issuer), public_key, spki, serial, not_before, not_after,
@@ -395,10 +401,8 @@ def _crl_from_der(der: bytes, source: str) -> Crl:
         this_update = r("thisUpdate date", lambda: crl.last_update_utc)
         next_update = r("nextUpdate date", lambda: crl.next_update_utc)
         r("extensions", lambda: crl.extensions)
-        r("signature algorithm", lambda: crl.signature_algorithm_oid)
-        signature_hash = r("signature algorithm parameters",
-                           lambda: _signature_hash(lambda: crl.signature_hash_algorithm))
-        r("signature", lambda: (crl.signature, crl.tbs_certlist_bytes))
+        signature_hash = r.signature(crl)
+        r("signed part", lambda: crl.tbs_certlist_bytes)
         revoked: dict[int, datetime] = {}
         for n, entry in enumerate(r("list of revoked certificates", lambda: list(crl)), 1):
             serial = r(f"revoked entry {n}", lambda: entry.serial_number)
