@@ -21,10 +21,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography import x509
 from cryptography.x509.oid import SignatureAlgorithmOID
 
 from certd.amd.roots import TrustStore
@@ -47,8 +47,9 @@ def _fmt(t: datetime) -> str:
 
 
 #: (issuer SubjectPublicKeyInfo, signature, signed bytes) -> verified. Verification is a
-#: pure function of these, and RSA-4096 is most of a check's cost: the daemon re-checks
-#: the blob it serves, and one corrupted entry leaves the other signatures as they were.
+#: pure function of these, and RSA-4096 is most of a check's cost: the daemon and certctl
+#: check the same blobs again and again, and a blob with one bad entry leaves the other
+#: signatures as they were.
 _PSS_VERIFIED: dict[tuple[bytes, bytes, bytes], bool] = {}
 _PSS_MEMO_MAX = 512
 

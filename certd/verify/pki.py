@@ -37,6 +37,8 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import cryptography
 from cryptography import x509
@@ -129,8 +131,8 @@ class Crl:
     issuer_cn: str | None
     this_update: datetime
     next_update: datetime | None
-    #: serial -> revocation date, in CRL order.
-    revoked: dict[int, datetime]
+    #: serial -> revocation date, in CRL order (read-only: a Crl is shared, see below).
+    revoked: Mapping[int, datetime]
     signature_hash: hashes.HashAlgorithm | None
 
     def revoked_serials(self) -> list[int]:
@@ -416,8 +418,8 @@ def _crl_from_der(der: bytes, source: str) -> Crl:
             product = Product.parse(cn[4:])
         except ValueError:
             product = None
-    return Crl(crl, der, product, source, issuer, cn, this_update, next_update, revoked,
-               signature_hash)
+    return Crl(crl, der, product, source, issuer, cn, this_update, next_update,
+               MappingProxyType(revoked), signature_hash)
 
 
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
