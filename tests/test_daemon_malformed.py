@@ -35,8 +35,9 @@ def bad_blob() -> bytes:
 
 
 def test_daemon_serves_the_empty_table_for_a_malformed_blob(tmp_path, bad_blob):
-    d = make_daemon(tmp_path / "d", blob=bad_blob).start()
+    d = make_daemon(tmp_path / "d", blob=bad_blob)
     try:
+        d.start()
         with clientmod.Client(d.socket) as c:
             for vm in ("vm-1", "vm-2"):  # the connection survives the first answer
                 r = c.get(vm, 4)
@@ -48,8 +49,8 @@ def test_daemon_serves_the_empty_table_for_a_malformed_blob(tmp_path, bad_blob):
 
 def test_negative_control_daemon_fails_without_the_protection(tmp_path, bad_blob):
     d = make_daemon(tmp_path / "d", blob=bad_blob)
-    d.start(extra_env={"CERTD_UNSAFE": "total-policy"}, wait=False)
     try:
+        d.start(extra_env={"CERTD_UNSAFE": "total-policy"}, wait=False)
         try:
             d.proc.wait(timeout=20)  # today it dies at start-up, validating the blob
         except subprocess.TimeoutExpired:
