@@ -7,7 +7,10 @@ problem found (a list of :class:`~certd.verify.problems.Problem`), not just the 
 an operator fixes everything in one round.
 
 The functions are pure: no I/O, no clocks other than ``at`` (default: now), no caches
-that change results. Layering: imports abi, amd and verify; nothing there imports this.
+that change results. They are total: any bytes give a list of problems (a certificate or
+CRL that does not parse is a ``format`` problem naming the entry); only :func:`build_blob`
+raises, and only :class:`PolicyError`. Layering: imports abi, amd and verify; nothing
+there imports this.
 """
 
 from __future__ import annotations
@@ -30,8 +33,14 @@ from certd.verify.pki import Cert, Crl, Kind, PkiError
 from certd.verify.problems import Problem
 from certd.verify.report import signature_problems
 
-__all__ = ["PolicyError", "BlobContents", "parse_blob", "check_blob", "check_report",
-           "build_blob", "Problem"]
+__all__ = ["PolicyError", "BlobContents", "EMPTY_FILE", "parse_blob", "check_blob",
+           "check_report", "build_blob", "Problem"]
+
+#: The one answer for a zero-byte blob file, wherever a blob is checked (certctl show,
+#: verify and install, the daemon). A zero-byte file is not a table to certd even though
+#: go-sev-guest reads it as an empty one: an updater that wrote nothing is a failure.
+EMPTY_FILE = Problem("format", "empty file: not a certificate table "
+                               "(an empty table is 24 zero bytes)")
 
 
 class PolicyError(ValueError):
@@ -61,6 +70,9 @@ _EXPECTED_KIND = {Role.ARK: (Kind.ARK,), Role.ASK: (Kind.ASK, Kind.ASVK),
 def parse_blob(blob: bytes) -> BlobContents:
     """Decode the table and classify each entry: ``format``, ``role`` and ``size`` problems."""
     out = BlobContents()
+    if not blob:
+        out.problems.append(EMPTY_FILE)
+        return out
     if len(blob) > table.GUEST_MAX_SIZE:
         out.problems.append(Problem("size", f"blob is {len(blob)} bytes; Linux guests accept at "
                                             f"most {table.GUEST_MAX_SIZE} (16 KiB)"))
@@ -195,16 +207,32 @@ def _check_contents(c: BlobContents, *, trust: TrustStore, platform: Platform | 
     return problems
 
 
-def _as_crls(crls: Sequence[Crl | bytes | x509.CertificateRevocationList]) -> list[Crl]:
-    out = []
+def _as_crl(x: Crl | bytes | x509.CertificateRevocationList, what: str) -> Crl:
+    if isinstance(x, Crl):
+        return x
+    if isinstance(x, x509.CertificateRevocationList):
+        return pki.crl_from_der(x.public_bytes(Encoding.DER), what)
+    return pki.load_crl(x, what)
+
+
+def _as_crls(crls: Sequence[Crl | bytes | x509.CertificateRevocationList],
+             ) -> tuple[list[Crl], list[Problem]]:
+    """The CRL arguments that load, and a ``format`` problem for each one that does not."""
+    out, problems = [], []
     for i, x in enumerate(crls):
-        if isinstance(x, Crl):
-            out.append(x)
-        elif isinstance(x, x509.CertificateRevocationList):
-            out.append(pki.crl_from_der(x.public_bytes(Encoding.DER), f"CRL argument {i}"))
-        else:
-            out.append(pki.load_crl(x, f"CRL argument {i}"))
-    return out
+        try:
+            out.append(_as_crl(x, f"CRL argument {i}"))
+        except PkiError as e:
+            problems.append(Problem("format", str(e)))
+    return out, problems
+
+
+def _check(c: BlobContents, *, trust: TrustStore, platform: Platform | None,
+           at: datetime | None, crls: Sequence[Crl | bytes], mask_chip_id: bool,
+           ) -> list[Problem]:
+    extra, problems = _as_crls(crls)
+    return problems + _check_contents(c, trust=trust, platform=platform, at=chainmod.utc(at),
+                                      crls=extra, mask_chip_id=mask_chip_id)
 
 
 def check_blob(blob: bytes, *, trust: TrustStore, platform: Platform | None = None,
@@ -216,11 +244,11 @@ def check_blob(blob: bytes, *, trust: TrustStore, platform: Platform | None = No
     CRL, unknown GUIDs); chain to a pinned root of ``trust``; product agreement of ARK,
     ASK, leaf, CRL and platform; leaf TCB == platform reported TCB (fmc on Turin); hwID ==
     chip id (unless masked or VLEK); signing key type; validity dates; revocation by the
-    blob's CRL and ``crls``; size <= 16 KiB.
+    blob's CRL and ``crls`` (one that does not load is a ``format`` problem); size <= 16
+    KiB. An empty file is :data:`EMPTY_FILE`.
     """
-    at = chainmod.utc(at)
-    return _check_contents(parse_blob(bytes(blob)), trust=trust, platform=platform, at=at,
-                           crls=_as_crls(crls), mask_chip_id=mask_chip_id)
+    return _check(parse_blob(bytes(blob)), trust=trust, platform=platform, at=at, crls=crls,
+                  mask_chip_id=mask_chip_id)
 
 
 def check_report(blob: bytes, report: bytes | reportmod.AttestationReport, *,
@@ -231,10 +259,9 @@ def check_report(blob: bytes, report: bytes | reportmod.AttestationReport, *,
     type matches the leaf, REPORTED_TCB == leaf TCB, CHIP_ID == hwID (unless masked: by
     ``mask_chip_id`` or an all-zero CHIP_ID), and the report's product (CPUID, v3+) matches
     the leaf's. A guest receiving this blob with this report would accept both."""
-    at = chainmod.utc(at)
     contents = parse_blob(bytes(blob))
-    problems = _check_contents(contents, trust=trust, platform=platform, at=at,
-                               crls=_as_crls(crls), mask_chip_id=mask_chip_id)
+    problems = _check(contents, trust=trust, platform=platform, at=at, crls=crls,
+                      mask_chip_id=mask_chip_id)
     if not isinstance(report, reportmod.AttestationReport):
         try:
             report = reportmod.parse(report)
@@ -315,7 +342,7 @@ def build_blob(ark: Cert | x509.Certificate | bytes, ask: Cert | x509.Certificat
     crl_obj = None
     if crl is not None:
         try:
-            crl_obj = _as_crls([crl])[0]
+            crl_obj = _as_crl(crl, "CRL input")
         except PkiError as e:
             problems.append(Problem("format", str(e)))
     if "leaf" in parts and not parts["leaf"].kind.is_leaf:

@@ -80,12 +80,16 @@ def read_tlv(buf: bytes, pos: int = 0) -> tuple[int, bytes, int]:
     return tag, bytes(buf[pos : pos + length]), pos + length
 
 
-def _single(buf: bytes, tag: int, what: str) -> bytes:
-    t, value, end = read_tlv(buf)
+def _single(buf: bytes, tag: int, dotted: str) -> bytes:
+    try:
+        t, value, end = read_tlv(buf)
+    except ExtensionError as e:
+        raise ExtensionError(f"{_what(dotted)}: {e}") from None
     if t != tag:
-        raise ExtensionError(f"{what}: expected DER tag 0x{tag:02x}, got 0x{t:02x}")
+        raise ExtensionError(f"{_what(dotted)}: expected DER tag 0x{tag:02x}, got 0x{t:02x}")
     if end != len(buf):
-        raise ExtensionError(f"{what}: {len(buf) - end} trailing bytes after the DER value")
+        raise ExtensionError(f"{_what(dotted)}: {len(buf) - end} trailing bytes after the "
+                             "DER value")
     return value
 
 
@@ -109,21 +113,21 @@ def der_ia5(s: str) -> bytes:
     return bytes([TAG_IA5STRING]) + _der_len(len(body)) + body
 
 
-def _parse_int(raw: bytes, what: str) -> int:
-    body = _single(raw, TAG_INTEGER, what)
+def _parse_int(raw: bytes, dotted: str) -> int:
+    body = _single(raw, TAG_INTEGER, dotted)
     if not body:
-        raise ExtensionError(f"{what}: empty INTEGER")
+        raise ExtensionError(f"{_what(dotted)}: empty INTEGER")
     if body[0] & 0x80:
-        raise ExtensionError(f"{what}: negative INTEGER")
+        raise ExtensionError(f"{_what(dotted)}: negative INTEGER")
     return int.from_bytes(body, "big")
 
 
-def _parse_ia5(raw: bytes, what: str) -> str:
-    body = _single(raw, TAG_IA5STRING, what)
+def _parse_ia5(raw: bytes, dotted: str) -> str:
+    body = _single(raw, TAG_IA5STRING, dotted)
     try:
         return body.decode("ascii")
     except UnicodeDecodeError:
-        raise ExtensionError(f"{what}: IA5String is not ASCII") from None
+        raise ExtensionError(f"{_what(dotted)}: IA5String is not ASCII") from None
 
 
 def parse_hwid(raw: bytes) -> bytes:
@@ -189,6 +193,20 @@ class AmdExtensions:
             raise ExtensionError(str(e)) from None
 
 
+#: dotted OID -> (attribute of AmdExtensions, value parser), for :func:`parse`.
+_FIELDS = {**{oid.dotted_string: (attr, "int") for oid, attr in _INT_FIELDS.items()},
+           **{oid.dotted_string: (attr, "ia5") for oid, attr in _STR_FIELDS.items()},
+           HWID.dotted_string: ("hwid", "hwid")}
+
+
+_NAME_OF = {oid.dotted_string: name for oid, name in _NAMES.items()}
+
+
+def _what(dotted: str) -> str:
+    """``blSPL (1.3.6.1.4.1.3704.1.3.1)`` for error messages (built only for them)."""
+    return f"{_NAME_OF[dotted]} ({dotted})" if dotted in _NAME_OF else dotted
+
+
 def parse(extensions: x509.Extensions) -> AmdExtensions:
     """Read the AMD extensions of a certificate; other extensions are ignored."""
     values: dict[str, object] = {}
@@ -197,17 +215,18 @@ def parse(extensions: x509.Extensions) -> AmdExtensions:
         dotted = ext.oid.dotted_string
         if not dotted.startswith(PREFIX):
             continue
-        raw = ext.value.value if isinstance(ext.value, x509.UnrecognizedExtension) else None
-        if raw is None:
+        value = ext.value
+        if not isinstance(value, x509.UnrecognizedExtension):
             raise ExtensionError(f"AMD extension {dotted} was decoded as "
-                                 f"{type(ext.value).__name__}, not raw bytes")
-        what = f"{_NAMES.get(ext.oid, dotted)} ({dotted})"
-        if ext.oid in _INT_FIELDS:
-            values[_INT_FIELDS[ext.oid]] = _parse_int(raw, what)
-        elif ext.oid in _STR_FIELDS:
-            values[_STR_FIELDS[ext.oid]] = _parse_ia5(raw, what)
-        elif ext.oid == HWID:
-            values["hwid"] = parse_hwid(raw)
+                                 f"{type(value).__name__}, not raw bytes")
+        raw = value.value
+        attr, kind = _FIELDS.get(dotted, (None, None))
+        if kind == "int":
+            values[attr] = _parse_int(raw, dotted)
+        elif kind == "ia5":
+            values[attr] = _parse_ia5(raw, dotted)
+        elif kind == "hwid":
+            values[attr] = parse_hwid(raw)
         else:
             unknown.append(dotted)
     return AmdExtensions(unknown=tuple(unknown), **values)  # type: ignore[arg-type]

@@ -83,14 +83,19 @@ class TrustStore:
             return None
         return {"ARK": r.ark, "ASK": r.ask, "ASVK": r.asvk}[role]
 
-    def is_pinned(self, product: Product, role: str, cert: x509.Certificate) -> bool:
-        """True if ``cert`` is the pinned ``role`` of ``product``, byte for byte or by key.
+    def key(self, product: Product, role: str) -> bytes | None:
+        """DER SubjectPublicKeyInfo of the pinned ``role`` (ARK/ASK/ASVK), or None."""
+        return self._keys.get((product, role))
+
+    def is_pinned(self, product: Product, role: str, cert: x509.Certificate | bytes) -> bool:
+        """True if ``cert`` (or a DER SubjectPublicKeyInfo) has the key of the pinned
+        ``role`` of ``product``.
 
         Same key is enough: AMD could reissue a root with new dates, and the key is what
         signatures chain through. Names alone never count.
         """
         key = self._keys.get((product, role))
-        return key is not None and spki(cert) == key
+        return key is not None and (cert if isinstance(cert, bytes) else spki(cert)) == key
 
     def merged(self, other: "TrustStore", *, name: str | None = None) -> "TrustStore":
         return TrustStore({**self._roots, **other._roots}, name=name or f"{self.name}+{other.name}")

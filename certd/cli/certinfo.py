@@ -8,6 +8,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
+from certd import policy
 from certd.abi import table
 from certd.abi.product import Product
 from certd.abi.tcb import Tcb, TcbError
@@ -54,6 +55,16 @@ def product_arg(text: str) -> Product:
         return Product.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def read_blob(path: str) -> bytes:
+    """A blob file's bytes for show, verify and install; a zero-byte file is refused here
+    with :data:`certd.policy.EMPTY_FILE`, so the three give the same answer for it."""
+    data = read_input(path, "blob")
+    if not data:
+        raise CliError(f"{path}: {policy.EMPTY_FILE}", exitcodes.DATAERR,
+                       problems=[policy.EMPTY_FILE.as_dict()])
+    return data
 
 
 def load_items(path: str, what: str) -> list[Cert | Crl]:
@@ -143,10 +154,10 @@ def entry_info(index: int, entry: table.Entry, span: tuple[int, int] | None) -> 
     try:
         if role is table.Role.CRL:
             crl = pki.crl_from_der(entry.data, source)
-            nxt = crl.crl.next_update_utc
+            nxt = crl.next_update
             info.update(kind="CRL", issuer=crl.issuer_cn,
                         product=crl.product.value if crl.product else None,
-                        this_update=crl.crl.last_update_utc.isoformat(),
+                        this_update=crl.this_update.isoformat(),
                         next_update=nxt.isoformat() if nxt else None,
                         revoked=[f"0x{s:x}" for s in crl.revoked_serials()])
             return info

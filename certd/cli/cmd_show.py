@@ -7,7 +7,7 @@ import argparse
 from certd.abi import table
 from certd.cli import certinfo
 from certd import exitcodes
-from certd.cli.common import CliError, add_json_flag, emit, read_input
+from certd.cli.common import CliError, add_json_flag, emit
 
 EPILOG = """\
 examples:
@@ -17,7 +17,9 @@ examples:
 Columns: entry role and GUID, byte offset and length in the table, the certificate's
 subject CN, product line, TCB (VCEK/VLEK: the SPLs from AMD's extensions, fmc first on
 Turin), hwID (shortened; --json has it in full) and validity (CRL: thisUpdate..nextUpdate).
-'show' only displays; use 'certctl verify' to check a blob.
+'show' only displays; use 'certctl verify' to check a blob. An entry that does not parse
+is shown as UNPARSEABLE with the reason, and the exit code is then 65, as for a file that
+is not a table at all (or is empty).
 
 """ + exitcodes.epilog()
 
@@ -32,14 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = read_input(args.blob, "blob")
+    data = certinfo.read_blob(args.blob)
     try:
         t = table.decode(data)
     except table.TableError as e:
         raise CliError(f"{args.blob}: not a valid certificate table: {e}", exitcodes.DATAERR)
     entries = [certinfo.entry_info(i, e, t.spans[i] if i < len(t.spans) else None)
                for i, e in enumerate(t.entries)]
-    data_out = {"ok": True, "blob": args.blob, "size": len(data), "npages": table.npages(len(data)),
+    malformed = [e for e in entries if "error" in e]
+    data_out = {"ok": not malformed, "blob": args.blob, "size": len(data),
+                "npages": table.npages(len(data)),
                 "fits_guest_limit": len(data) <= table.GUEST_MAX_SIZE, "entries": entries}
 
     def text() -> str:
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         for e in entries:
             if "error" in e:
-                lines.append(f"  entry {e['index']}: {e['error']}")
+                lines.append(f"  {e['error']}")  # names the entry itself
             if e.get("csp_id"):
                 lines.append(f"  entry {e['index']}: cspID {e['csp_id']}")
             if e.get("revoked"):
@@ -73,4 +77,4 @@ def run(args: argparse.Namespace) -> int:
         return "\n".join(lines)
 
     emit(args, data_out, text)
-    return exitcodes.OK
+    return exitcodes.DATAERR if malformed else exitcodes.OK

@@ -30,6 +30,8 @@ at --at; revocation by the blob's CRL and every --crl; size <= 16 KiB. With --pl
 --mask-chip-id or a VLEK). With --report: the report's signature by the blob's leaf,
 signing key type, REPORTED_TCB, CHIP_ID and product (CPUID, report v3+).
 Every failed check is printed as 'check: message' (check ids are stable for scripts).
+Exit code 1: the blob parses but a check failed; 65: it is malformed (an empty file, not
+a table, or an entry that is not a readable certificate or CRL: check id 'format').
 
 --tcb/--chip-id/--product override the platform file; given alone, only they are checked.
 A report may be raw (1184 bytes) or hex text.
@@ -102,7 +104,7 @@ def _platform(args: argparse.Namespace, blob: bytes) -> Platform | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    blob = read_input(args.blob, "blob")
+    blob = certinfo.read_blob(args.blob)
     crls = [certinfo.load_crl(path) for path in args.crl]
     trust = certinfo.trust_from_args(args)
     plat = _platform(args, blob)

@@ -21,13 +21,14 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import SignatureAlgorithmOID
 
 from certd.amd.roots import TrustStore
-from certd.verify.pki import Cert, Crl, Kind
+from certd.verify.pki import Cert, Crl, Kind, common_name
 from certd.verify.problems import Problem
 
 PSS_SALT = 48
@@ -45,9 +46,39 @@ def _fmt(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def pss_signature_error(issuer_key, signature: bytes, data: bytes, algo_oid, hash_algo,
-                        what: str, by: str) -> str | None:
-    """None if ``signature`` over ``data`` verifies as AMD's PSS by ``issuer_key``."""
+#: (issuer SubjectPublicKeyInfo, signature, signed bytes) -> verified. Verification is a
+#: pure function of these, and RSA-4096 is most of a check's cost: the daemon and certctl
+#: check the same blobs again and again, and a blob with one bad entry leaves the other
+#: signatures as they were.
+_PSS_VERIFIED: dict[tuple[bytes, bytes, bytes], bool] = {}
+_PSS_MEMO_MAX = 512
+
+
+def _pss_verifies(issuer_key: rsa.RSAPublicKey, issuer_spki: bytes, signature: bytes,
+                  data: bytes) -> bool:
+    memo = (issuer_spki, signature, data)
+    ok = _PSS_VERIFIED.get(memo)
+    if ok is None:
+        try:
+            issuer_key.verify(signature, data, PSS, hashes.SHA384())
+            ok = True
+        except InvalidSignature:
+            ok = False
+        if len(_PSS_VERIFIED) >= _PSS_MEMO_MAX:
+            _PSS_VERIFIED.clear()
+        _PSS_VERIFIED[memo] = ok
+    return ok
+
+
+def clear_cache() -> None:
+    """Forget memoized verifications (benchmarks measure the cold cost with it)."""
+    _PSS_VERIFIED.clear()
+
+
+def pss_signature_error(issuer_key, issuer_spki: bytes, signature: bytes, data: bytes,
+                        algo_oid, hash_algo, what: str, by: str) -> str | None:
+    """None if ``signature`` over ``data`` verifies as AMD's PSS by ``issuer_key`` (whose
+    DER SubjectPublicKeyInfo is ``issuer_spki``)."""
     if algo_oid != SignatureAlgorithmOID.RSASSA_PSS:
         return f"{what} is signed with {getattr(algo_oid, '_name', algo_oid.dotted_string)}, " \
                "not RSASSA-PSS"
@@ -55,22 +86,16 @@ def pss_signature_error(issuer_key, signature: bytes, data: bytes, algo_oid, has
         return f"{what} signature uses {getattr(hash_algo, 'name', hash_algo)}, not SHA-384"
     if not isinstance(issuer_key, rsa.RSAPublicKey):
         return f"{by} has no RSA key, so it cannot have signed {what}"
-    try:
-        issuer_key.verify(signature, data, PSS, hashes.SHA384())
-    except InvalidSignature:
+    if not _pss_verifies(issuer_key, issuer_spki, signature, data):
         return f"{what} is not signed by {by} (RSASSA-PSS SHA-384 salt {PSS_SALT})"
     return None
 
 
 def signature_error(subject: Cert, issuer: Cert) -> str | None:
     c = subject.cert
-    try:
-        hash_algo = c.signature_hash_algorithm
-    except Exception:  # unsupported/garbled algorithm parameters
-        hash_algo = None
-    return pss_signature_error(issuer.cert.public_key(), c.signature, c.tbs_certificate_bytes,
-                               c.signature_algorithm_oid, hash_algo,
-                               subject.describe(), issuer.describe())
+    return pss_signature_error(issuer.public_key, issuer.spki, c.signature,
+                               c.tbs_certificate_bytes, c.signature_algorithm_oid,
+                               subject.signature_hash, subject.describe(), issuer.describe())
 
 
 def validity_problems(cert: Cert, at: datetime) -> list[Problem]:
@@ -100,10 +125,10 @@ def verify_chain(ark: Cert, intermediate: Cert, leaf: Cert | None, *, trust: Tru
     # --- ARK: pinned and self-signed.
     if ark.product is None:
         chain(f"{ark.describe()} names no known product, so no pinned ARK can match it")
-    elif not trust.is_pinned(ark.product, "ARK", ark.cert):
+    elif not trust.is_pinned(ark.product, "ARK", ark.spki):
         chain(f"{ark.describe()} is not the pinned {ark.product.value} ARK of the {trust.name} "
               "trust store (pinned roots are the only anchors; names prove nothing)")
-    if ark.cert.issuer != ark.cert.subject:
+    if ark.issuer != ark.subject:
         chain(f"{ark.describe()} is not self-issued (issuer {ark.issuer_cn!r})")
     err = signature_error(ark, ark)
     if err:
@@ -112,10 +137,10 @@ def verify_chain(ark: Cert, intermediate: Cert, leaf: Cert | None, *, trust: Tru
     # --- ASK / ASVK: pinned, issued and signed by the ARK.
     role = "ASVK" if intermediate.kind is Kind.ASVK else "ASK"
     if intermediate.product is not None and not trust.is_pinned(intermediate.product, role,
-                                                                intermediate.cert):
+                                                                intermediate.spki):
         chain(f"{intermediate.describe()} is not the pinned {intermediate.product.value} {role} "
               f"of the {trust.name} trust store")
-    if intermediate.cert.issuer != ark.cert.subject:
+    if intermediate.issuer != ark.subject:
         chain(f"{intermediate.describe()} names issuer {intermediate.issuer_cn!r}, "
               f"not {ark.subject_cn!r}")
     err = signature_error(intermediate, ark)
@@ -128,12 +153,12 @@ def verify_chain(ark: Cert, intermediate: Cert, leaf: Cert | None, *, trust: Tru
         if intermediate.kind is not want:
             chain(f"a {leaf.kind.value} is signed by an {want.value}, but the chain has "
                   f"{intermediate.describe()}")
-        key = leaf.cert.public_key()
+        key = leaf.public_key
         if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP384R1)):
             chain(f"{leaf.describe()} key is {type(key).__name__.lstrip('_')}"
                   f"{'/' + key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else ''}, "
                   "not EC P-384")
-        if leaf.cert.issuer != intermediate.cert.subject:
+        if leaf.issuer != intermediate.subject:
             chain(f"{leaf.describe()} names issuer {leaf.issuer_cn!r}, "
                   f"not {intermediate.subject_cn!r}")
         err = signature_error(leaf, intermediate)
@@ -154,26 +179,29 @@ def crl_authenticity_problems(crl: Crl, *, trust: TrustStore) -> list[Problem]:
                                       "trust store")]
     ark = trust.roots(crl.product).ark
     problems = []
-    if crl.crl.issuer != ark.subject:
+    if crl.issuer != ark.subject:
         problems.append(Problem("revocation", f"{what}: issuer name differs from the pinned "
                                               f"{crl.product.value} ARK"))
-    try:
-        hash_algo = crl.crl.signature_hash_algorithm
-    except Exception:  # unsupported/garbled algorithm parameters
-        hash_algo = None
-    err = pss_signature_error(ark.public_key(), crl.crl.signature, crl.crl.tbs_certlist_bytes,
-                              crl.crl.signature_algorithm_oid, hash_algo, what,
-                              f"the pinned ARK-{crl.product.value}")
+    err = crl_signature_error(crl, ark, trust.key(crl.product, "ARK"))
     if err:
         problems.append(Problem("revocation", err))
     return problems
+
+
+def crl_signature_error(crl: Crl, ark: x509.Certificate, ark_spki: bytes) -> str | None:
+    """None if ``ark`` (DER SubjectPublicKeyInfo ``ark_spki``) signed ``crl`` with AMD's
+    PSS parameters."""
+    return pss_signature_error(ark.public_key(), ark_spki, crl.crl.signature,
+                               crl.crl.tbs_certlist_bytes, crl.crl.signature_algorithm_oid,
+                               crl.signature_hash, f"CRL from {crl.issuer_cn!r} ({crl.source})",
+                               f"the pinned {common_name(ark.subject)}")
 
 
 def crl_date_problems(crl: Crl, at: datetime | None = None) -> list[Problem]:
     at = utc(at)
     what = f"CRL from {crl.issuer_cn!r} ({crl.source})"
     problems = []
-    this, nxt = crl.crl.last_update_utc, crl.crl.next_update_utc
+    this, nxt = crl.this_update, crl.next_update
     if at < this:
         problems.append(Problem("revocation", f"{what} is not valid yet: thisUpdate "
                                               f"{_fmt(this)}, checked at {_fmt(at)}"))
@@ -201,11 +229,11 @@ def revocation_problems(certs: Iterable[Cert | None], crls: Sequence[Crl], *,
         if c is None or c.kind not in (Kind.ASK, Kind.ASVK):
             continue
         for crl in crls:
-            if crl.product is not c.product or crl.crl.issuer != c.cert.issuer:
+            if crl.product is not c.product or crl.issuer != c.issuer:
                 continue
-            entry = crl.crl.get_revoked_certificate_by_serial_number(c.serial)
-            if entry is not None and entry.revocation_date_utc <= at:
+            since = crl.revoked.get(c.serial)
+            if since is not None and since <= at:
                 problems.append(Problem(
                     "revocation", f"{c.describe()} serial 0x{c.serial:x} is revoked since "
-                                  f"{_fmt(entry.revocation_date_utc)} by CRL {crl.source}"))
+                                  f"{_fmt(since)} by CRL {crl.source}"))
     return problems

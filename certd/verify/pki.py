@@ -3,6 +3,13 @@
 Every bad input raises :class:`PkiError` naming the source (file name or blob entry) and
 the problem; no other exception escapes the public functions.
 
+cryptography parses most fields lazily: a certificate whose outer DER is sound can still
+raise on ``.subject``, ``.extensions``, ``.public_key()``, dates or CRL entries, long after
+it was "loaded". So the one place a :class:`Cert` or :class:`Crl` is built
+(:func:`cert_from_der`, :func:`crl_from_der`) reads every field certd uses, turns any
+failure into a PkiError naming the field, and keeps the values; code above uses those
+values and never meets a lazy parse error.
+
 Classification follows AMD's subject names, then structure:
 
     CN=ARK-<Product>        ARK  (self-issued root, RSA-4096)
@@ -24,17 +31,24 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import re
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import cryptography
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
+from certd import faults
 from certd.abi.product import Product
 from certd.abi.tcb import Tcb
 from certd.amd import extensions as amdext
@@ -69,7 +83,8 @@ def common_name(name: x509.Name) -> str | None:
 
 @dataclass(frozen=True, eq=False)
 class Cert:
-    """A parsed, classified AMD certificate."""
+    """A parsed, classified AMD certificate. Every field was read at load time, so none
+    of them raises; use them rather than re-reading ``cert``."""
 
     cert: x509.Certificate
     der: bytes
@@ -77,27 +92,17 @@ class Cert:
     product: Product | None
     source: str
     ext: amdext.AmdExtensions
-
-    @property
-    def subject_cn(self) -> str | None:
-        return common_name(self.cert.subject)
-
-    @property
-    def issuer_cn(self) -> str | None:
-        return common_name(self.cert.issuer)
-
-    @property
-    def serial(self) -> int:
-        """Use this, not ``cert.serial_number``: cryptography warns again on every access."""
-        return serial_number(self.cert)
-
-    @property
-    def not_before(self) -> datetime:
-        return self.cert.not_valid_before_utc
-
-    @property
-    def not_after(self) -> datetime:
-        return self.cert.not_valid_after_utc
+    subject: x509.Name
+    issuer: x509.Name
+    subject_cn: str | None
+    issuer_cn: str | None
+    public_key: CertificatePublicKeyTypes
+    spki: bytes  # DER SubjectPublicKeyInfo: what "the same key" compares
+    serial: int  # not cert.serial_number: cryptography warns on every access to serial 0
+    not_before: datetime
+    not_after: datetime
+    #: None if cryptography does not support the signature algorithm (not AMD's, then).
+    signature_hash: hashes.HashAlgorithm | None
 
     @property
     def hwid(self) -> bytes | None:
@@ -116,17 +121,22 @@ class Cert:
 
 @dataclass(frozen=True, eq=False)
 class Crl:
+    """A parsed CRL; as for :class:`Cert`, every field was read at load time."""
+
     crl: x509.CertificateRevocationList
     der: bytes
     product: Product | None  # from the issuer CN ARK-<Product>
     source: str
-
-    @property
-    def issuer_cn(self) -> str | None:
-        return common_name(self.crl.issuer)
+    issuer: x509.Name
+    issuer_cn: str | None
+    this_update: datetime
+    next_update: datetime | None
+    #: serial -> revocation date, in CRL order (read-only: a Crl is shared, see below).
+    revoked: Mapping[int, datetime]
+    signature_hash: hashes.HashAlgorithm | None
 
     def revoked_serials(self) -> list[int]:
-        return [r.serial_number for r in self.crl]
+        return list(self.revoked)
 
 
 def serial_number(cert: x509.Certificate) -> int:
@@ -170,31 +180,113 @@ def _serial_of(der: bytes) -> int | None:
         return None
 
 
-def parse_der_certificate(der: bytes, source: str) -> x509.Certificate:
-    """DER -> Certificate, accepting AMD's serial number 0."""
-    with warnings.catch_warnings():
-        # Exactly the serial-number deprecation, nothing else (filterwarnings=error in tests
-        # keeps any other warning visible). Note: catch_warnings is process-global state.
-        warnings.filterwarnings("ignore", message=_SERIAL_WARNING,
-                                category=CryptographyDeprecationWarning)
-        try:
-            return x509.load_der_x509_certificate(der)
-        except ValueError as e:
-            serial = _serial_of(der)
-            if serial is not None and serial <= 0:
-                raise PkiError(
-                    f"{source}: certificate has serial number {serial}, as AMD issues every "
-                    f"VCEK/VLEK, and cryptography {cryptography.__version__} refuses to parse "
-                    "it (RFC 5280 wants positive serials). certd needs a cryptography release "
-                    "that still accepts them (pyproject pins <51)") from None
-            raise PkiError(f"{source}: not a valid DER X.509 certificate ({e})") from None
+def _parse_der_certificate(der: bytes, source: str) -> x509.Certificate:
+    """DER -> Certificate, accepting AMD's serial number 0 (inside a _Reader, which keeps
+    the serial-number warning quiet)."""
+    try:
+        return x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion) as e:
+        serial = _serial_of(der)
+        if serial is not None and serial <= 0 and "serial" in str(e).lower():
+            raise PkiError(
+                f"{source}: certificate has serial number {serial}, as AMD issues every "
+                f"VCEK/VLEK, and cryptography {cryptography.__version__} refuses to parse "
+                "it (RFC 5280 wants positive serials). certd needs a cryptography release "
+                "that still accepts them (pyproject pins <51)") from None
+        raise PkiError(f"{source}: not a valid DER X.509 certificate ({_brief(e)})") from None
 
 
-def parse_der_crl(der: bytes, source: str) -> x509.CertificateRevocationList:
+def _parse_der_crl(der: bytes, source: str) -> x509.CertificateRevocationList:
     try:
         return x509.load_der_x509_crl(der)
-    except ValueError as e:
-        raise PkiError(f"{source}: not a valid DER X.509 CRL ({e})") from None
+    except (ValueError, x509.InvalidVersion) as e:
+        raise PkiError(f"{source}: not a valid DER X.509 CRL ({_brief(e)})") from None
+
+
+# --- reading every lazily parsed field, once ---------------------------------------------
+
+#: What cryptography raises on bytes it cannot read, each seen by tests/test_policy_fuzz.py
+#: (TypeError: a name attribute of a type its OID does not allow, raised by NameAttribute).
+#: Only cryptography's accessors run inside a _Reader, so none of these is a bug of ours.
+_UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
+               x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+class _Reader:
+    """Reads fields one by one inside ``with``, so a failure names the field.
+
+    ``with _Reader(source, "certificate") as r: subject = r("subject name", lambda: ...)``.
+    cryptography's exceptions become PkiError, and so do its warnings (a country name of
+    the wrong length, say): a certificate it only half accepts is malformed, and a warning
+    must not escape to the daemon's stderr (or become an error under ``-W error``). The
+    serial-number warning is the exception: AMD's leaves all carry serial 0.
+    ``CERTD_UNSAFE=total-policy`` lets both through (the fuzz test's negative control),
+    all but the serial-number warning, as before this class existed.
+    """
+
+    def __init__(self, source: str, what: str):
+        self.source, self.what = source, what
+        self.safe = not faults.unsafe("total-policy")
+
+    def __enter__(self) -> "_Reader":
+        self._guard = warnings.catch_warnings(record=self.safe)
+        self._seen = self._guard.__enter__()
+        if self.safe:
+            warnings.simplefilter("always")  # recorded, then judged in __call__
+        else:
+            warnings.filterwarnings("ignore", message=_SERIAL_WARNING,
+                                    category=CryptographyDeprecationWarning)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._guard.__exit__(*exc_info)
+
+    def __call__(self, field: str, read):
+        if not self.safe:
+            return read()
+        try:
+            value = read()
+        except PkiError:
+            raise
+        except _UNREADABLE as e:
+            raise PkiError(f"{self.source}: unreadable {self.what} {field} "
+                           f"({_brief(e)})") from None
+        if self._seen:
+            bad = [w for w in self._seen if not (w.category is CryptographyDeprecationWarning
+                                                 and re.match(_SERIAL_WARNING, str(w.message)))]
+            if bad:
+                raise PkiError(f"{self.source}: malformed {self.what} {field} "
+                               f"(cryptography warns: {bad[0].message})")
+            self._seen.clear()
+        return value
+
+    def signature(self, signed: x509.Certificate | x509.CertificateRevocationList,
+                  ) -> hashes.HashAlgorithm | None:
+        """Read the signature fields (of a certificate or a CRL); return the hash algorithm,
+        None if cryptography does not support it."""
+        self("signature", lambda: (signed.signature_algorithm_oid, signed.signature))
+        return self("signature algorithm parameters", lambda: _signature_hash(signed))
+
+
+def _brief(e: BaseException) -> str:
+    """cryptography's message; its ASN.1 parser's made readable: "error parsing asn1 value:
+    ParseError { kind: InvalidValue, location: ["TBSCertList::this_update", ...] }" becomes
+    "malformed DER: InvalidValue at TBSCertList::this_update > ..."."""
+    text = str(e) or type(e).__name__
+    kind = re.search(r"kind: (\w+)", text)
+    if not text.startswith("error parsing asn1 value") or not kind:
+        return text
+    where = re.search(r"location: \[(.*)\]", text)
+    steps = [x.strip().strip('"') for x in where.group(1).split(",")] if where else []
+    return f"malformed DER: {kind.group(1)}" + (f" at {' > '.join(steps)}" if steps else "")
+
+
+def _signature_hash(signed: x509.Certificate | x509.CertificateRevocationList,
+                    ) -> hashes.HashAlgorithm | None:
+    try:
+        return signed.signature_hash_algorithm
+    except UnsupportedAlgorithm:  # a well-formed but unknown algorithm: chain checks say so
+        return None
 
 
 # --- classification --------------------------------------------------------------------
@@ -206,15 +298,15 @@ def _product_from(name: str, source: str, what: str) -> Product:
         raise PkiError(f"{source}: {what} names unknown product {name!r}") from None
 
 
-def classify(cert: x509.Certificate, source: str) -> tuple[Kind, Product | None, amdext.AmdExtensions]:
+def classify(subject: x509.Name, issuer_name: x509.Name, extensions: x509.Extensions,
+             source: str) -> tuple[Kind, Product | None, amdext.AmdExtensions]:
+    """Kind, product and AMD extensions of a certificate, from fields already read."""
     try:
-        ext = amdext.parse(cert.extensions)
+        ext = amdext.parse(extensions)
     except amdext.ExtensionError as e:
         raise PkiError(f"{source}: bad AMD extension: {e}") from None
-    except ValueError as e:  # cryptography refusing a malformed extension list
-        raise PkiError(f"{source}: unreadable extensions ({e})") from None
-    cn = common_name(cert.subject) or ""
-    issuer = common_name(cert.issuer) or ""
+    cn = common_name(subject) or ""
+    issuer = common_name(issuer_name) or ""
 
     if cn.startswith("ARK-"):
         return Kind.ARK, _product_from(cn[4:], source, f"subject CN {cn!r}"), ext
@@ -262,21 +354,72 @@ def load_crl(data: bytes, source: str) -> Crl:
 
 
 def cert_from_der(der: bytes, source: str) -> Cert:
-    cert = parse_der_certificate(der, source)
-    kind, product, ext = classify(cert, source)
-    return Cert(cert, bytes(der), kind, product, source, ext)
+    """The one place a :class:`Cert` is made: parse, read every field, classify.
+
+    Memoized by (bytes, source): the daemon and the CLI check the same certificates over
+    and over, and a Cert is immutable, so a cached one is the one a new parse would give.
+    """
+    return _cert_from_der(bytes(der), source)
 
 
 def crl_from_der(der: bytes, source: str) -> Crl:
-    crl = parse_der_crl(der, source)
-    cn = common_name(crl.issuer) or ""
+    """The one place a :class:`Crl` is made: parse and read every field (memoized, as
+    :func:`cert_from_der`)."""
+    return _crl_from_der(bytes(der), source)
+
+
+def clear_cache() -> None:
+    """Forget memoized certificates and CRLs (for tests that patch cryptography)."""
+    _cert_from_der.cache_clear()
+    _crl_from_der.cache_clear()
+
+
+@functools.lru_cache(maxsize=128)
+def _cert_from_der(der: bytes, source: str) -> Cert:
+    with _Reader(source, "certificate") as r:
+        cert = r("DER encoding", lambda: _parse_der_certificate(der, source))
+        subject = r("subject name", lambda: cert.subject)
+        issuer = r("issuer name", lambda: cert.issuer)
+        extensions = r("extensions", lambda: cert.extensions)
+        public_key = r("public key", cert.public_key)
+        spki = r("public key", lambda: public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+        serial = r("serial number", lambda: cert.serial_number)  # warning handled by r
+        not_before = r("notBefore date", lambda: cert.not_valid_before_utc)
+        not_after = r("notAfter date", lambda: cert.not_valid_after_utc)
+        signature_hash = r.signature(cert)
+        r("signed part", lambda: cert.tbs_certificate_bytes)
+    kind, product, ext = classify(subject, issuer, extensions, source)
+    return Cert(cert, der, kind, product, source, ext, subject, issuer, common_name(subject),
+                common_name(issuer), public_key, spki, serial, not_before, not_after,
+                signature_hash)
+
+
+@functools.lru_cache(maxsize=128)
+def _crl_from_der(der: bytes, source: str) -> Crl:
+    with _Reader(source, "CRL") as r:
+        crl = r("DER encoding", lambda: _parse_der_crl(der, source))
+        issuer = r("issuer name", lambda: crl.issuer)
+        this_update = r("thisUpdate date", lambda: crl.last_update_utc)
+        next_update = r("nextUpdate date", lambda: crl.next_update_utc)
+        r("extensions", lambda: crl.extensions)
+        signature_hash = r.signature(crl)
+        r("signed part", lambda: crl.tbs_certlist_bytes)
+        revoked: dict[int, datetime] = {}
+        for n, entry in enumerate(r("list of revoked certificates", lambda: list(crl)), 1):
+            serial = r(f"revoked entry {n}", lambda: entry.serial_number)
+            date = r(f"revoked entry {n} (serial 0x{serial:x})",
+                     lambda: (entry.extensions, entry.revocation_date_utc)[1])
+            revoked.setdefault(serial, date)  # the first entry counts, as in a lookup
+    cn = common_name(issuer)
     product = None
-    if cn.startswith("ARK-"):
+    if cn and cn.startswith("ARK-"):
         try:
             product = Product.parse(cn[4:])
         except ValueError:
             product = None
-    return Crl(crl, bytes(der), product, source)
+    return Crl(crl, der, product, source, issuer, cn, this_update, next_update,
+               MappingProxyType(revoked), signature_hash)
 
 
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)

@@ -31,7 +31,7 @@ def verify_signature(report: AttestationReport, key: ec.EllipticCurvePublicKey) 
 
 
 def signature_problems(report: AttestationReport, leaf: Cert) -> list[Problem]:
-    if verify_signature(report, leaf.cert.public_key()):
+    if verify_signature(report, leaf.public_key):
         return []
     return [Problem("signature", f"the report signature does not verify with the key of "
                                  f"{leaf.describe()}: this is not the key that signed the report")]
