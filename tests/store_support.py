@@ -35,7 +35,8 @@ CERTCTL = [sys.executable, "-c", textwrap.dedent("""
 def table_only(blob: bytes) -> list[Problem]:
     """Test validator for fake blobs: any well-formed table a guest accepts."""
     if not blob:
-        return [Problem("format", "empty file: not a certificate table")]
+        from certd.policy import EMPTY_FILE
+        return [EMPTY_FILE]
     try:
         table.decode(blob)
     except table.TableError as e:

@@ -8,7 +8,7 @@ from typing import Any
 
 from certd.cli import certinfo
 from certd import exitcodes
-from certd.cli.common import CliError, add_json_flag, emit, read_input
+from certd.cli.common import CliError, add_json_flag, emit
 from certd.store import blobstore, locks
 from certd.verify.problems import Problem
 
@@ -140,7 +140,7 @@ def result_dict(r: blobstore.InstallResult, checks: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    new = read_input(args.new, "new blob")
+    new = certinfo.read_blob(args.new)  # the same answer as show and verify for an empty file
     validate, checks = make_validator(args)
     store = blobstore.BlobStore(args.blob, validate)
     try:
