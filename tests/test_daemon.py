@@ -77,7 +77,11 @@ def test_lease_blocks_updater_until_release(daemon):
         assert r.ret == 0
         up = updater(daemon.blob)
         try:
-            assert_waits(up)
+            end = time.monotonic() + 20  # certctl's start-up takes a while on a loaded host
+            while not locks.updater_waiting(daemon.blob):
+                assert up.poll() is None and time.monotonic() < end, "the updater never took the gate"
+                time.sleep(0.01)
+            assert_waits(up, 0.2)  # it holds the gate and waits for our lease
             # The updater now holds the gate: no new lease joins, the request gets EAGAIN.
             t0 = time.monotonic()
             assert c.get("vm-2", 4).ret == wire.EAGAIN
