@@ -259,9 +259,12 @@ class Daemon:
         self.watcher = BlobWatcher(paths, self.file_changed)
 
     def file_changed(self, path: str | None) -> None:
-        if path is None or path == self.platform.path:
-            self.platform_changed("platform file changed" if path else "inotify overflow")
-        self.blob_changed(path)
+        # A blob replaced (certctl fw-update, install, a hook) is a request to look at the
+        # platform too: /dev/sev has no inotify, and an update is when it changes.
+        why = ("platform file changed" if path == self.platform.path else
+               "inotify overflow" if path is None else "blob replaced")
+        self.platform_changed(why)
+        self.blob_changed(None if path == self.platform.path else path)
 
     def blob_changed(self, path: str | None, tries: int = 20) -> None:
         """A blob was replaced (or the platform changed): decide now (logged by the
