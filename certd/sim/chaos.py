@@ -1,0 +1,457 @@
+"""The chaos harness: a real daemon, VMM processes full of guests, updates and SIGKILLs.
+
+:func:`run` sets up a simulated platform (:mod:`certd.sim.psp`), binds the listening
+socket itself and starts the daemon on it as systemd socket activation does (fd 3,
+``LISTEN_FDS``/``LISTEN_PID``), so that after a SIGKILL the restarted daemon serves the
+same socket and clients only see a delay. VMM processes (:mod:`certd.sim.vmm`) host the
+guests, on the socket face and on the file face (a stock QEMU reading the blob). One
+thread runs the firmware updates one after another (some killed at a random moment),
+another kills and restarts the daemon at random moments. Everything is bounded in time
+and every process is stopped by its pid at the end.
+
+The updater is a strategy (:data:`UPDATERS`): a function from the run's paths and the new
+TCB to the argv of one update. :data:`DEFAULT_UPDATER` picks it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from certd import devpki, platform as platformmod
+from certd.abi.product import Product
+from certd.abi.tcb import Tcb
+from certd.sim import psp as pspmod
+from certd.sim.guests import Counters
+from certd.store import blobstore
+
+PY = sys.executable
+CERTCTL = str(Path(sys.executable).parent / "certctl")
+
+
+@dataclass
+class Params:
+    """One run. Times in seconds unless the name says otherwise."""
+
+    vms: int = 40
+    updates: int = 5
+    daemon_kills: int = 0
+    updater_kills: int = 0
+    #: Share of VMs behind certd's socket (the rest read the blob like a stock QEMU).
+    socket_share: float = 0.75
+    #: Share of COCONUT SVSM guests (the rest are Linux guests), on both faces.
+    svsm_share: float = 0.5
+    vmm_processes: int = 4
+    update_gap: float = 1.5
+    settle: float = 1.0
+    #: The daemon's request_deadline_ms, and the file-face VMMs' certs-timeout.
+    request_deadline_ms: int = 1000
+    lease_timeout_ms: int = 2000
+    #: Linux guests' 2 s retry and 60 s budget are multiplied by this.
+    time_scale: float = 0.05
+    think_ms: tuple[float, float] = (300.0, 900.0)
+    resume_delay_ms: float = 2.0
+    #: Extra time every updater keeps the lock after the firmware step.
+    hold_ms: float = 0.0
+    updater: str = "update"
+    updater_timeout: float = 30.0
+    product: str = "Milan"
+    seed: int | None = None
+    max_run: float = 540.0
+    directory: str | None = None
+    keep: bool = False
+
+
+# --- the updater strategies --------------------------------------------------------------
+
+@dataclass
+class Paths:
+    dir: Path
+    pki: Path
+    platform: Path
+    blob: Path
+    socket: Path
+    config: Path
+
+
+def _sim(sub: str, paths: Paths, tcb: Tcb, p: Params, *extra: str) -> list[str]:
+    return [PY, "-m", "certd.sim.updater", sub, "--platform", str(paths.platform),
+            "--pki", str(paths.pki), "--blob", str(paths.blob), "--tcb", str(tcb).replace(" ", ","),
+            "--hold-ms", str(p.hold_ms), "--timeout", str(p.updater_timeout), *extra]
+
+
+def update_in_one_process(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
+    """One process: lock, firmware step, build, install, release (BlobStore.update)."""
+    return _sim("update", paths, tcb, p)
+
+
+def lock_and_install(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
+    """The documented hook: ``certctl lock --exclusive -- sh -c 'FIRMWARE && INSTALL'``.
+    INSTALL is the simulator's install (it adopts the lock) because ``certctl install``
+    cannot take the development roots yet."""
+    fw = " ".join(_sim("firmware", paths, tcb, p, "--quiet"))
+    inst = " ".join(_sim("install", paths, tcb, p, "--quiet"))
+    return [CERTCTL, "lock", "--exclusive", "--blob", str(paths.blob), "--timeout",
+            str(p.updater_timeout), "--json", "--", "sh", "-c", f"{fw} && {inst}"]
+
+
+def fw_update(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
+    """``certctl fw-update`` (being built by the lead) around the firmware step."""
+    return [CERTCTL, "fw-update", "--config", str(paths.config), "--expect-tcb",
+            str(tcb).replace(" ", ","), "--timeout", str(p.updater_timeout), "--json", "--",
+            *_sim("firmware", paths, tcb, p, "--quiet")]
+
+
+UPDATERS: dict[str, Callable[[Paths, Tcb, Params], list[str]]] = {
+    "update": update_in_one_process,
+    "lock-install": lock_and_install,
+    "fw-update": fw_update,
+}
+DEFAULT_UPDATER = "update"
+
+
+# --- processes ---------------------------------------------------------------------------
+
+class Notify:
+    """A fake NOTIFY_SOCKET (abstract datagram) to await the daemon's READY=1."""
+
+    def __init__(self) -> None:
+        self.name = f"certd-sim-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.address = "@" + self.name
+
+    def wait_ready(self, proc: subprocess.Popen, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and proc.poll() is None:
+            self.sock.settimeout(min(0.2, max(end - time.monotonic(), 0.01)))
+            try:
+                if b"READY=1" in self.sock.recv(4096):
+                    return True
+            except socket.timeout:
+                continue
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def config_text(paths: Paths, p: Params) -> str:
+    return f"""\
+# Written by the certd simulator (certd/sim/chaos.py).
+[server]
+socket = "{paths.socket}"
+socket_mode = "0600"
+request_deadline_ms = {p.request_deadline_ms}
+lease_timeout_ms = {p.lease_timeout_ms}
+rate_per_vm = 1000
+rate_burst = 1000
+max_connections = 8192
+
+[access]
+allow_uids = [{os.getuid()}]
+
+[store]
+blob = "{paths.blob}"
+
+[platform]
+source = "file"
+file = "{paths.platform}"
+
+[log]
+level = "info"
+format = "json"
+"""
+
+
+class DaemonRunner:
+    """Starts certd on the harness's listening socket (socket activation) and restarts it
+    after a kill, as systemd's Restart=always would."""
+
+    def __init__(self, paths: Paths, listener: socket.socket, log_path: Path):
+        self.paths = paths
+        # Not 3 (the child gets the socket as fd 3); bash redirects multi-digit fds.
+        self.fd = fcntl.fcntl(listener.fileno(), fcntl.F_DUPFD_CLOEXEC, 10)
+        self.log = open(log_path, "ab")
+        self.notify = Notify()
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.kills = 0
+        self.restart_ms: list[float] = []
+        self.lock = threading.Lock()
+
+    def start(self, timeout: float = 60.0) -> bool:
+        script = (f'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=certd; '
+                  f'exec "$0" "$@" 3<&{self.fd} {self.fd}<&-')
+        self.proc = subprocess.Popen(
+            ["/bin/bash", "-c", script, PY, "-m", "certd.sim.daemon", "--config",
+             str(self.paths.config), "--pki", str(self.paths.pki)],
+            pass_fds=(self.fd,), stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": self.notify.address})
+        self.starts += 1
+        return self.notify.wait_ready(self.proc, timeout)
+
+    def kill_and_restart(self) -> None:
+        with self.lock:
+            assert self.proc is not None
+            t0 = time.monotonic()
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.kills += 1
+            ok = self.start()
+            self.restart_ms.append((time.monotonic() - t0) * 1000 if ok else float("inf"))
+
+    def stop(self) -> int | None:
+        with self.lock:
+            rc = None
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    self.proc.send_signal(signal.SIGTERM)
+                    try:
+                        rc = self.proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        self.proc.kill()
+                        rc = self.proc.wait()
+                else:
+                    rc = self.proc.returncode
+            os.close(self.fd)
+            self.notify.close()
+            self.log.close()
+            return rc
+
+
+def _stop_pid(proc: subprocess.Popen, group: bool = False) -> None:
+    if proc.poll() is None:
+        try:
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+# --- the run -----------------------------------------------------------------------------
+
+@dataclass
+class UpdateRecord:
+    n: int
+    tcb: str
+    killed_after_ms: float | None = None
+    exit_code: int | None = None
+    lock_wait_ms: float | None = None
+    held_ms: float | None = None
+    total_ms: float = 0.0
+    #: After a kill: did the firmware change while the old blob stayed (a stale blob)?
+    stale: bool | None = None
+
+
+@dataclass
+class RunResult:
+    counters: Counters
+    by_kind: dict[str, dict]
+    by_face: dict[str, dict]
+    updates: list[UpdateRecord] = field(default_factory=list)
+    daemon_kills: int = 0
+    daemon_restart_ms: list[float] = field(default_factory=list)
+    duration_s: float = 0.0
+    aborted: str | None = None
+    params: dict = field(default_factory=dict)
+    directory: str | None = None
+    daemon_log_tail: list[str] = field(default_factory=list)
+
+
+def setup(directory: Path, product: Product, p: Params) -> Paths:
+    paths = Paths(directory, directory / "pki", directory / "platform.toml",
+                  directory / "certs.blob", directory / "certd.sock", directory / "certd.toml")
+    pspmod.create_pki(paths.pki, product)
+    platformmod.save(devpki.make_platform(product), paths.platform)
+    psp = pspmod.SharedPsp.open(paths.pki, paths.platform)
+    blobstore.BlobStore(paths.blob, psp.validator()).install(psp.valid_blob())
+    paths.config.write_text(config_text(paths, p))
+    return paths
+
+
+def _vm_plan(p: Params, rng: random.Random) -> list[dict]:
+    """VMM process specs: socket-face and file-face processes, VMs spread over them."""
+    n_socket = round(p.vms * p.socket_share)
+    kinds = ["svsm" if rng.random() < p.svsm_share else "linux" for _ in range(p.vms)]
+    if p.vms >= 2 and len(set(kinds)) == 1:
+        kinds[0] = "linux" if kinds[0] == "svsm" else "svsm"
+    procs_socket = max(1, round(p.vmm_processes * p.socket_share)) if n_socket else 0
+    procs_file = max(1, p.vmm_processes - procs_socket) if p.vms - n_socket else 0
+    specs = [{"face": "socket", "vms": []} for _ in range(procs_socket)] + \
+            [{"face": "file", "vms": []} for _ in range(procs_file)]
+    for i in range(p.vms):
+        face = "socket" if i < n_socket else "file"
+        group = [s for s in specs if s["face"] == face]
+        group[i % len(group)]["vms"].append([f"vm-{i:04d}-{face}-{kinds[i]}", kinds[i]])
+    return [s for s in specs if s["vms"]]
+
+
+def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
+    """One bounded chaos run; every process it starts is stopped before it returns."""
+    rng = random.Random(p.seed)
+    product = Product.parse(p.product)
+    t_start = time.monotonic()
+    directory = Path(p.directory) if p.directory else Path(tempfile.mkdtemp(prefix="certd-sim-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = setup(directory, product, p)
+    make_argv = UPDATERS[p.updater]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(paths.socket))
+    paths.socket.chmod(0o600)
+    listener.listen(4096)
+    daemon = DaemonRunner(paths, listener, directory / "certd.log")
+    vmms: list[tuple[subprocess.Popen, dict]] = []
+    updaters: list[subprocess.Popen] = []
+    result = RunResult(Counters(), {}, {}, params=asdict(p), directory=str(directory))
+    stop_chaos = threading.Event()
+    kinds: dict[str, Counters] = {}
+    faces: dict[str, Counters] = {}
+    hard_end = t_start + p.max_run
+    try:
+        if not daemon.start():
+            raise RuntimeError(f"certd did not become ready; log: {directory / 'certd.log'}")
+        common = {"socket": str(paths.socket), "blob": str(paths.blob), "pki": str(paths.pki),
+                  "platform": str(paths.platform), "time_scale": p.time_scale,
+                  "think_ms": list(p.think_ms), "resume_delay_ms": p.resume_delay_ms,
+                  "certs_timeout_ms": p.request_deadline_ms}
+        for i, spec in enumerate(_vm_plan(p, rng)):
+            spec_path = directory / f"vmm-{i}.json"
+            spec_path.write_text(json.dumps({**common, **spec}))
+            proc = subprocess.Popen([PY, "-m", "certd.sim.vmm", str(spec_path)],
+                                    stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+            vmms.append((proc, spec))
+        for proc, spec in vmms:
+            line = proc.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"VMM process {proc.pid} did not start: {line!r}")
+        log(f"{p.vms} VMs in {len(vmms)} VMM processes; certd pid {daemon.proc.pid}")
+        time.sleep(p.settle)
+
+        killed = set(rng.sample(range(max(p.updates - 1, 0)), min(p.updater_kills, max(p.updates - 1, 0))))
+        span = p.updates * p.update_gap
+        kill_times = sorted(rng.uniform(0, max(span, 1.0)) for _ in range(p.daemon_kills))
+        typical_ms = [400.0]
+
+        def updates() -> None:
+            for n in range(p.updates):
+                if stop_chaos.is_set() or time.monotonic() > hard_end:
+                    return
+                current = platformmod.load(paths.platform).reported_tcb
+                new = pspmod.next_tcb(current)
+                rec = UpdateRecord(n, str(new))
+                t0 = time.monotonic()
+                proc = subprocess.Popen(make_argv(paths, new, p), stdout=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, text=True,
+                                        start_new_session=True)
+                updaters.append(proc)
+                if n in killed:
+                    delay = rng.uniform(0, typical_ms[0] * 1.5) / 1000
+                    try:
+                        proc.wait(timeout=delay)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        rec.killed_after_ms = delay * 1000
+                    proc.wait()
+                    out = proc.stdout.read()
+                    after = platformmod.load(paths.platform).reported_tcb
+                    blob_tcb = pspmod.leaf_tcb(paths.blob.read_bytes(), product)
+                    rec.stale = after != current and blob_tcb != after
+                    if rec.stale:
+                        log(f"update {n}: updater killed after {rec.killed_after_ms:.0f} ms, "
+                            f"after the firmware step ({after}) and before the install "
+                            f"(blob for {blob_tcb}): a stale blob")
+                else:
+                    try:
+                        out, _ = proc.communicate(timeout=p.updater_timeout + 30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        out, _ = proc.communicate()
+                rec.exit_code = proc.returncode
+                rec.total_ms = (time.monotonic() - t0) * 1000
+                proc.stdout.close()
+                try:
+                    info = json.loads(out) if out.strip() else {}
+                except ValueError:
+                    info = {}
+                if "lock_wait_s" in info or "waited_s" in info:
+                    rec.lock_wait_ms = 1000 * info.get("lock_wait_s", info.get("waited_s"))
+                    rec.held_ms = 1000 * info["held_s"]
+                    if rec.exit_code == 0:
+                        typical_ms[0] = rec.total_ms
+                result.updates.append(rec)
+                stop_chaos.wait(p.update_gap * rng.uniform(0.5, 1.5))
+
+        def daemon_chaos() -> None:
+            t0 = time.monotonic()
+            for t in kill_times:
+                if stop_chaos.wait(max(t0 + t - time.monotonic(), 0)):
+                    return
+                daemon.kill_and_restart()
+                log(f"certd SIGKILLed and restarted in {daemon.restart_ms[-1]:.0f} ms")
+
+        threads = [threading.Thread(target=updates, daemon=True),
+                   threading.Thread(target=daemon_chaos, daemon=True)]
+        for t in threads:
+            t.start()
+        threads[0].join(max(hard_end - time.monotonic(), 0))
+        stop_chaos.set()
+        threads[1].join(max(hard_end - time.monotonic(), 0))
+        if any(t.is_alive() for t in threads):
+            result.aborted = f"the run exceeded max_run = {p.max_run} s"
+        time.sleep(p.settle)
+        for proc, spec in vmms:
+            proc.send_signal(signal.SIGTERM)
+        for proc, spec in vmms:
+            try:
+                out, _ = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                result.aborted = result.aborted or f"VMM process {proc.pid} did not stop"
+                continue
+            data = json.loads(out.strip().splitlines()[-1])
+            for kind, c in data["by_kind"].items():
+                result.counters.add(c)
+                kinds.setdefault(kind, Counters()).add(c)
+                faces.setdefault(data["face"], Counters()).add(c)
+        result.by_kind = {k: c.as_dict() for k, c in kinds.items()}
+        result.by_face = {k: c.as_dict() for k, c in faces.items()}
+    finally:
+        stop_chaos.set()
+        for proc, _ in vmms:
+            _stop_pid(proc)
+            if proc.stdout:
+                proc.stdout.close()
+        for proc in updaters:
+            _stop_pid(proc, group=True)
+        rc = daemon.stop()
+        listener.close()
+        result.daemon_kills = daemon.kills
+        result.daemon_restart_ms = [round(x, 1) for x in daemon.restart_ms]
+        result.duration_s = round(time.monotonic() - t_start, 2)
+        try:
+            result.daemon_log_tail = (directory / "certd.log").read_text().splitlines()[-5:]
+        except OSError:
+            pass
+        if rc not in (0, None) and not result.aborted:
+            result.aborted = f"certd exited with {rc} at the end of the run"
+        if not p.keep and not p.directory:
+            shutil.rmtree(directory, ignore_errors=True)
+            result.directory = None
+    return result
