@@ -16,7 +16,8 @@ from certd import exitcodes
 from certd.cli.common import CliError, report_error
 
 #: Subcommand modules, in the order --help lists them.
-COMMANDS = ("build", "show", "verify", "install", "rollback", "lock", "fetch", "status")
+COMMANDS = ("build", "show", "verify", "install", "rollback", "lock", "fetch", "status",
+            "demo")
 
 DESCRIPTION = """\
 certctl manages the SEV-SNP certificate blob that certd serves to VMMs and that a stock

@@ -40,6 +40,8 @@ from certd.sim.guests import Counters
 from certd.store import blobstore
 
 PY = sys.executable
+#: The updater strategy runs use (see :data:`UPDATERS`).
+DEFAULT_UPDATER = "update"
 CERTCTL = str(Path(sys.executable).parent / "certctl")
 
 
@@ -65,9 +67,10 @@ class Params:
     time_scale: float = 0.05
     think_ms: tuple[float, float] = (300.0, 900.0)
     resume_delay_ms: float = 2.0
-    #: Extra time every updater keeps the lock after the firmware step.
-    hold_ms: float = 0.0
-    updater: str = "update"
+    #: How long updaters keep the lock after the firmware step before installing (getting
+    #: the new VCEK: a cache hit or a KDS round trip).
+    hold_ms: float = 50.0
+    updater: str = DEFAULT_UPDATER
     updater_timeout: float = 30.0
     product: str = "Milan"
     seed: int | None = None
@@ -121,7 +124,6 @@ UPDATERS: dict[str, Callable[[Paths, Tcb, Params], list[str]]] = {
     "lock-install": lock_and_install,
     "fw-update": fw_update,
 }
-DEFAULT_UPDATER = "update"
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -287,12 +289,14 @@ def setup(directory: Path, product: Product, p: Params) -> Paths:
     return paths
 
 
-def _vm_plan(p: Params, rng: random.Random) -> list[dict]:
+def _vm_plan(p: Params) -> list[dict]:
     """VMM process specs: socket-face and file-face processes, VMs spread over them."""
     n_socket = round(p.vms * p.socket_share)
-    kinds = ["svsm" if rng.random() < p.svsm_share else "linux" for _ in range(p.vms)]
-    if p.vms >= 2 and len(set(kinds)) == 1:
-        kinds[0] = "linux" if kinds[0] == "svsm" else "svsm"
+
+    def kind(j: int) -> str:  # svsm_share of each face's VMs, spread evenly
+        return "svsm" if int((j + 1) * p.svsm_share) > int(j * p.svsm_share) else "linux"
+
+    kinds = [kind(i) for i in range(n_socket)] + [kind(j) for j in range(p.vms - n_socket)]
     procs_socket = max(1, round(p.vmm_processes * p.socket_share)) if n_socket else 0
     procs_file = max(1, p.vmm_processes - procs_socket) if p.vms - n_socket else 0
     specs = [{"face": "socket", "vms": []} for _ in range(procs_socket)] + \
@@ -332,7 +336,7 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                   "platform": str(paths.platform), "time_scale": p.time_scale,
                   "think_ms": list(p.think_ms), "resume_delay_ms": p.resume_delay_ms,
                   "certs_timeout_ms": p.request_deadline_ms}
-        for i, spec in enumerate(_vm_plan(p, rng)):
+        for i, spec in enumerate(_vm_plan(p)):
             spec_path = directory / f"vmm-{i}.json"
             spec_path.write_text(json.dumps({**common, **spec}))
             proc = subprocess.Popen([PY, "-m", "certd.sim.vmm", str(spec_path)],
@@ -345,7 +349,12 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
         log(f"{p.vms} VMs in {len(vmms)} VMM processes; certd pid {daemon.proc.pid}")
         time.sleep(p.settle)
 
-        killed = set(rng.sample(range(max(p.updates - 1, 0)), min(p.updater_kills, max(p.updates - 1, 0))))
+        # Updater kills: a random moment of a random update's life (never the last update,
+        # so the run ends on a completed one). An updater that finished before its kill
+        # moment passes the kill on to the next update.
+        killable = max(p.updates - 1, 0)
+        pending_kills = [min(p.updater_kills, killable)]
+        planned = set(rng.sample(range(killable), pending_kills[0]))
         span = p.updates * p.update_gap
         kill_times = sorted(rng.uniform(0, max(span, 1.0)) for _ in range(p.daemon_kills))
         typical_ms = [400.0]
@@ -362,13 +371,17 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                                         stdin=subprocess.DEVNULL, text=True,
                                         start_new_session=True)
                 updaters.append(proc)
-                if n in killed:
-                    delay = rng.uniform(0, typical_ms[0] * 1.5) / 1000
+                kill = pending_kills[0] > 0 and n < killable and (
+                    n in planned or killable - n <= pending_kills[0])
+                if kill:
+                    delay = rng.uniform(0, typical_ms[0]) / 1000
                     try:
                         proc.wait(timeout=delay)
+                        planned.add(n + 1)  # finished first: kill the next one instead
                     except subprocess.TimeoutExpired:
                         os.killpg(proc.pid, signal.SIGKILL)
                         rec.killed_after_ms = delay * 1000
+                        pending_kills[0] -= 1
                     proc.wait()
                     out = proc.stdout.read()
                     after = platformmod.load(paths.platform).reported_tcb

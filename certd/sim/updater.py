@@ -82,6 +82,8 @@ def update(args) -> dict:
         pspmod.firmware_update(args.platform, new, signing_key=args.signing_key)
         hold.release()
         held = time.monotonic() - locked
+        if args.hold_ms:
+            time.sleep(args.hold_ms / 1000)  # fetching the VCEK, the lock already dropped
         store.install(psp.valid_blob(psp.refresh()), timeout=args.timeout)
         return {"tcb": str(new), "lock_wait_s": waited, "held_s": held}
     r = store.update(change, timeout=args.timeout)
