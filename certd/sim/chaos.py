@@ -355,9 +355,9 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
         killable = max(p.updates - 1, 0)
         pending_kills = [min(p.updater_kills, killable)]
         planned = set(rng.sample(range(killable), pending_kills[0]))
-        span = p.updates * p.update_gap
+        span = p.updates * (p.update_gap + 0.5)  # about how long the updates take
         kill_times = sorted(rng.uniform(0, max(span, 1.0)) for _ in range(p.daemon_kills))
-        typical_ms = [400.0]
+        typical_ms = [1000.0]
 
         def updates() -> None:
             for n in range(p.updates):
@@ -374,7 +374,7 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                 kill = pending_kills[0] > 0 and n < killable and (
                     n in planned or killable - n <= pending_kills[0])
                 if kill:
-                    delay = rng.uniform(0, typical_ms[0]) / 1000
+                    delay = rng.uniform(0, 0.9 * typical_ms[0]) / 1000
                     try:
                         proc.wait(timeout=delay)
                         planned.add(n + 1)  # finished first: kill the next one instead
@@ -407,8 +407,8 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                 if "lock_wait_s" in info or "waited_s" in info:
                     rec.lock_wait_ms = 1000 * info.get("lock_wait_s", info.get("waited_s"))
                     rec.held_ms = 1000 * info["held_s"]
-                    if rec.exit_code == 0:
-                        typical_ms[0] = rec.total_ms
+                    if rec.exit_code == 0:  # the shortest life seen: kills land within it
+                        typical_ms[0] = min(typical_ms[0], rec.total_ms)
                 result.updates.append(rec)
                 stop_chaos.wait(p.update_gap * rng.uniform(0.5, 1.5))
 
