@@ -71,6 +71,9 @@ class Params:
     #: the new VCEK: a cache hit or a KDS round trip).
     hold_ms: float = 50.0
     updater: str = DEFAULT_UPDATER
+    #: When killed updaters die: "random" (a random moment of their life) or
+    #: "after-firmware" (once the firmware step is done, before the install).
+    updater_kill_when: str = "random"
     updater_timeout: float = 30.0
     product: str = "Milan"
     seed: int | None = None
@@ -289,6 +292,21 @@ def setup(directory: Path, product: Product, p: Params) -> Paths:
     return paths
 
 
+def _wait_for_tcb(platform_path: Path, tcb: Tcb, proc: subprocess.Popen,
+                  timeout: float) -> float:
+    """Poll (2 ms) until the platform file reports ``tcb`` (the updater's firmware step is
+    done) or the updater exits; returns 0, to kill at once."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            if platformmod.load(platform_path).reported_tcb == tcb:
+                break
+        except platformmod.PlatformError:
+            pass
+        time.sleep(0.002)
+    return 0.0
+
+
 def _vm_plan(p: Params) -> list[dict]:
     """VMM process specs: socket-face and file-face processes, VMs spread over them."""
     n_socket = round(p.vms * p.socket_share)
@@ -374,13 +392,16 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                 kill = pending_kills[0] > 0 and n < killable and (
                     n in planned or killable - n <= pending_kills[0])
                 if kill:
-                    delay = rng.uniform(0, 0.9 * typical_ms[0]) / 1000
+                    if p.updater_kill_when == "after-firmware":
+                        delay = _wait_for_tcb(paths.platform, new, proc, p.updater_timeout)
+                    else:
+                        delay = rng.uniform(0, 0.9 * typical_ms[0]) / 1000
                     try:
                         proc.wait(timeout=delay)
                         planned.add(n + 1)  # finished first: kill the next one instead
                     except subprocess.TimeoutExpired:
                         os.killpg(proc.pid, signal.SIGKILL)
-                        rec.killed_after_ms = delay * 1000
+                        rec.killed_after_ms = (time.monotonic() - t0) * 1000
                         pending_kills[0] -= 1
                     proc.wait()
                     out = proc.stdout.read()
