@@ -104,6 +104,20 @@ def test_updater_killed_after_the_firmware_step_file_face():
     assert r.counters.mismatches == 0, r.counters.mismatch_details
 
 
+def test_empty_first_update_order_survives_the_same_kill():
+    """The fix the two tests above point to, for the file face (which no daemon can fix):
+    install the empty table before the firmware step. Same kill, no stale blob, no
+    mismatch; the file-face test above is its negative control."""
+    r = run(vms=12, updates=2, daemon_kills=0, updater_kills=1, hold_ms=1000,
+            updater_kill_when="after-firmware", socket_share=0.0, vmm_processes=1,
+            updater="update-empty-first")
+    killed = r.updates[0]
+    assert killed.killed_after_ms is not None and killed.stale is False, r.updates
+    assert r.updates[1].exit_code == 0 and r.counters.errors == 0
+    assert r.counters.empty > 0  # the empty table was served while the update was dead
+    assert r.counters.verified > 0 and r.counters.mismatches == 0, r.counters.mismatch_details
+
+
 @pytest.mark.xfail(strict=False, reason=(
     "a lease is a shared OFD lock held by the certd process: SIGKILL drops it, and an "
     "updater waiting for it changes the key before the VMM's vCPU resumes (the lock would "

@@ -54,8 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SIGKILLs of an updater at a random moment of its run (demo 0, chaos 10)")
     p.add_argument("--updater", metavar="STRATEGY", default=None,
                    help="how updates are made: update (one process, BlobStore.update), "
-                        "lock-install (certctl lock --exclusive around the firmware step and "
-                        "an install), fw-update (certctl fw-update); default update")
+                        "update-empty-first (the same, the empty table installed before the "
+                        "firmware step), lock-install (certctl lock --exclusive around the "
+                        "firmware step and an install), fw-update (certctl fw-update); "
+                        "default update")
     p.add_argument("--hold-ms", type=float, metavar="MS",
                    help="how long updaters keep the lock between the firmware step and the "
                         "install (fetching the new VCEK; default 50)")

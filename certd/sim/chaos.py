@@ -122,8 +122,14 @@ def fw_update(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
             *_sim("firmware", paths, tcb, p, "--quiet")]
 
 
+def update_empty_first(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
+    """As ``update``, with the empty table installed before the firmware step."""
+    return _sim("update", paths, tcb, p, "--empty-first")
+
+
 UPDATERS: dict[str, Callable[[Paths, Tcb, Params], list[str]]] = {
     "update": update_in_one_process,
+    "update-empty-first": update_empty_first,
     "lock-install": lock_and_install,
     "fw-update": fw_update,
 }
@@ -407,7 +413,7 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                     out = proc.stdout.read()
                     after = platformmod.load(paths.platform).reported_tcb
                     blob_tcb = pspmod.leaf_tcb(paths.blob.read_bytes(), product)
-                    rec.stale = after != current and blob_tcb != after
+                    rec.stale = blob_tcb is not None and blob_tcb != after
                     if rec.stale:
                         log(f"update {n}: updater killed after {rec.killed_after_ms:.0f} ms, "
                             f"after the firmware step ({after}) and before the install "

@@ -5,7 +5,8 @@
 * ``update``: one process does what a firmware-update tool must: take the blob's exclusive
   lock, run the firmware step (the PSP key changes now), build the blob for the new TCB,
   install it, release (``BlobStore.update``). Prints one JSON line with its lock wait and
-  the exclusive section's length.
+  the exclusive section's length. ``--empty-first``: the empty table is installed before
+  the firmware step, so that an updater killed at any moment leaves no stale blob.
 * ``firmware``: the firmware step alone (the CMD of ``certctl lock -- ...`` or
   ``certctl fw-update -- ...``).
 * ``install``: build and install the blob for the platform as it is now; under
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 from certd import faults
+from certd.abi import table
 from certd.abi.tcb import Tcb
 from certd.sim import psp as pspmod
 from certd.store import blobstore, locks
@@ -86,9 +89,37 @@ def update(args) -> dict:
             time.sleep(args.hold_ms / 1000)  # fetching the VCEK, the lock already dropped
         store.install(psp.valid_blob(psp.refresh()), timeout=args.timeout)
         return {"tcb": str(new), "lock_wait_s": waited, "held_s": held}
+    if args.empty_first:
+        return _update_empty_first(args, psp, store, new)
     r = store.update(change, timeout=args.timeout)
     return {"tcb": str(new), "lock_wait_s": r.lock_wait_s,
             "held_s": (r.released_ns - r.locked_ns) / 1e9}
+
+
+def _update_empty_first(args, psp: pspmod.SharedPsp, store: blobstore.BlobStore,
+                        new: Tcb) -> dict:
+    """A crash-safe order: under one exclusive hold, install the empty table, then run the
+    firmware step, then install the new blob. Killed at any point, the path holds a blob
+    that matches the key, or the empty table; never the old blob with the new key.
+
+    The nested installs adopt our hold the way an install under ``certctl lock`` does
+    (``CERTD_LOCK_HELD``)."""
+    t0 = time.monotonic()
+    lk = locks.BlobLock(args.blob)
+    hold = lk.acquire_exclusive_sync(locks.deadline_in(args.timeout), missing_ok=True)
+    locked = time.monotonic()
+    os.environ[locks.HELD_ENV] = locks.held_env("exclusive", hold.gate_fd, hold.fd, lk.path)
+    try:
+        store.install(table.EMPTY_TABLE, timeout=args.timeout)
+        pspmod.firmware_update(args.platform, new, signing_key=args.signing_key)
+        if args.hold_ms:
+            time.sleep(args.hold_ms / 1000)
+        store.install(psp.valid_blob(psp.refresh()), timeout=args.timeout)
+    finally:
+        del os.environ[locks.HELD_ENV]
+        hold.release()
+        lk.close()
+    return {"tcb": str(new), "lock_wait_s": locked - t0, "held_s": time.monotonic() - locked}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="keep the lock this much longer after the firmware step")
         s.add_argument("--timeout", type=float, default=30.0, help="lock timeout (s)")
         s.add_argument("--quiet", action="store_true", help="print nothing")
+        s.add_argument("--empty-first", action="store_true",
+                       help="update: install the empty table before the firmware step "
+                            "(crash-safe order)")
         s.set_defaults(func=func)
     args = p.parse_args(argv)
     try:

@@ -3,7 +3,9 @@
 :class:`SocketVmm` follows the KVM flow with certd (docs/protocol.md): exit with the VM id
 and ``npages`` -> GET -> write the table to the guest buffer -> resume the vCPU (after a
 scheduling delay, the PSP signs) -> RELEASE. If certd cannot be reached (it is restarting)
-the VMM retries for ``unavailable_s`` and then answers EAGAIN: never EIO for a transient.
+the VMM waits for it up to ``unavailable_s`` and then answers EAGAIN: never EIO. (The
+checklist of docs/protocol.md §10 answers EAGAIN at once; an SVSM guest that meets a
+restart that way loses its VMPCK, so the simulated VMM waits.)
 
 :class:`FileVmm` is a stock QEMU (RFC v2 ``open_certs_locked()`` and
 ``kvm_handle_snp_req_certs``): open, OFD shared lock (non-blocking), inode check, read,
@@ -49,22 +51,25 @@ class SocketVmm:
     async def exit(self, vm_id: str, npages: int, report_data: bytes
                    ) -> tuple[int, bytes, bytes | None]:
         give_up = time.monotonic() + self.unavailable_s
+        backoff = 0.02
         while True:
             try:
-                r = await self.client.get(vm_id, npages)
+                # One long wait rather than many short ones: while certd restarts, the
+                # socket kept by socket activation queues the request until it is back.
+                r = await self.client.get(vm_id, npages,
+                                          timeout=max(give_up - time.monotonic(), 0.05))
                 break
             except clientmod.Refused:
                 return wire.EAGAIN, b"", None  # rate or lease limits: busy, retry later
-            except (clientmod.Unavailable, OSError):
-                # certd is restarting: the socket (kept by socket activation) queues us.
-                # (OSError: AsyncClient lets a recv() error of a dead connection escape
-                # unwrapped; this kernel answers EINVAL after the peer was killed.)
+            except (clientmod.Unavailable, clientmod.ProtocolError, OSError):
+                # docs/protocol.md §5: EAGAIN, never EIO. (OSError: AsyncClient lets a
+                # recv() error of a dead connection escape unwrapped; this kernel answers
+                # EINVAL once the peer was killed.)
                 self.c.reconnects += 1
                 if time.monotonic() >= give_up:
                     return wire.EAGAIN, b"", None
-                await asyncio.sleep(0.02)
-            except clientmod.ProtocolError:
-                return wire.EIO, b"", None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.5)
         if r.ret != wire.RET_OK:
             return r.ret, b"", None
         guest_buffer = bytes(r.table)  # written to the guest's shared pages
