@@ -106,7 +106,7 @@ def test_guest_tells_mismatch_from_empty_and_torn(sim):
     pspmod.firmware_update(psp.platform_path, pspmod.next_tcb(psp.platform.reported_tcb))
     ok, c = attest("linux", [], psp, stale)
     assert ok and (c.attestations, c.mismatches, c.verified) == (1, 1, 0)
-    assert "signature" in c.mismatch_details[0]["problems"][0]
+    assert "signature" in c.details[0]["problems"][0]
     ok, c = attest("svsm", [], psp, table.EMPTY_TABLE)
     assert (c.empty, c.mismatches, c.verified) == (1, 0, 0)
     ok, c = attest("linux", [], psp, stale[:100])

@@ -55,18 +55,24 @@ class Counters:
     leases_lost: int = 0       # RELEASE impossible: the daemon died holding our lease
     leases_expired: int = 0    # RELEASE answered EXPIRED: the lock dropped before signing
     reconnects: int = 0        # GETs retried because the daemon was unreachable
-    mismatch_details: list = field(default_factory=list)
+    unavailable: int = 0       # EAGAINs a VMM answered because certd stayed unreachable
+    #: Up to 20 examples of what went wrong (mismatch, torn, vmpck_lost, error).
+    details: list = field(default_factory=list)
 
     def add(self, other: "Counters | dict") -> "Counters":
         o = other if isinstance(other, dict) else asdict(other)
         for f in fields(self):
             if f.name == "max_wait_ms":
                 self.max_wait_ms = max(self.max_wait_ms, o.get(f.name, 0.0))
-            elif f.name == "mismatch_details":
-                self.mismatch_details.extend(o.get(f.name, ()))
+            elif f.name == "details":
+                self.details.extend(o.get(f.name, ())[: max(20 - len(self.details), 0)])
             else:
                 setattr(self, f.name, getattr(self, f.name) + o.get(f.name, 0))
         return self
+
+    def note(self, detail: dict) -> None:
+        if len(self.details) < 20:
+            self.details.append(detail)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -90,9 +96,11 @@ class Guest:
         self.vmpck = True
         self.stop = asyncio.Event()
 
-    def _lose_vmpck(self) -> None:
+    def _lose_vmpck(self, why: str, t0: float) -> None:
         self.vmpck = False
         self.c.vmpck_lost += 1
+        self.c.note({"what": "vmpck_lost", "vm": self.vm_id, "why": why, "at": time.time(),
+                     "waited_ms": round((time.monotonic() - t0) * 1000)})
 
     def _check(self, tbl: bytes, report: bytes) -> None:
         self.c.attestations += 1
@@ -103,15 +111,13 @@ class Guest:
             table.decode(tbl)
         except table.TableError as e:
             self.c.torn += 1
-            self.c.mismatch_details.append({"vm": self.vm_id, "torn": str(e)})
+            self.c.note({"what": "torn", "vm": self.vm_id, "why": str(e)})
             return
         problems = policy.check_report(tbl, report, trust=self.trust)
         if problems:
             self.c.mismatches += 1
-            if len(self.c.mismatch_details) < 20:
-                self.c.mismatch_details.append(
-                    {"vm": self.vm_id, "kind": self.kind, "at": time.time(),
-                     "problems": [str(p) for p in problems]})
+            self.c.note({"what": "mismatch", "vm": self.vm_id, "at": time.time(),
+                         "problems": [str(p) for p in problems]})
         else:
             self.c.verified += 1
 
@@ -162,7 +168,7 @@ class LinuxGuest(Guest):
             if ret == wire.EAGAIN:
                 if time.monotonic() > budget:
                     self._waited(t0)
-                    self._lose_vmpck()  # -ETIMEDOUT -> snp_disable_vmpck()
+                    self._lose_vmpck("EAGAIN for the whole 60 s budget", t0)  # -ETIMEDOUT
                     return False
                 try:  # the run ending abandons the retry (it is not counted)
                     await asyncio.wait_for(self.stop.wait(), LINUX_RETRY_S * self.scale)
@@ -170,7 +176,7 @@ class LinuxGuest(Guest):
                 except asyncio.TimeoutError:
                     continue
             self._waited(t0)
-            self._lose_vmpck()  # EIO or anything else: snp_disable_vmpck()
+            self._lose_vmpck(f"ret {ret}", t0)  # EIO or anything else: snp_disable_vmpck()
             return False
 
 
@@ -188,7 +194,7 @@ class SvsmGuest(Guest):
             return True
         if ret == wire.ENOSPC:
             return True  # one plain-request retry, key kept
-        self._lose_vmpck()  # busy twice, EIO, anything else: clear_vmpck(0)
+        self._lose_vmpck("busy twice" if ret == wire.EAGAIN else f"ret {ret}", t0)  # clear_vmpck
         return False
 
 

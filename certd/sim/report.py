@@ -55,7 +55,8 @@ def as_json(r: RunResult) -> dict:
         "daemon": {"kills": r.daemon_kills, "restart_ms": _stats(r.daemon_restart_ms)},
         "duration_s": r.duration_s,
         "aborted": r.aborted,
-        "mismatch_details": c.mismatch_details[:10],
+        "unavailable": c.unavailable,
+        "details": c.details[:10],
         "params": r.params,
     }
 
@@ -107,9 +108,9 @@ def text(r: RunResult) -> str:
                      f"p50 {rs['p50']} ms, max {rs['max']} ms; {c.leases_lost} leases lost "
                      f"with it")
     if c.errors:
-        lines.append(f"simulator errors: {c.errors} (see --json mismatch_details)")
+        lines.append(f"simulator errors: {c.errors} (see --json: details)")
     if r.aborted:
         lines.append(f"aborted: {r.aborted}")
-    for d in c.mismatch_details[:3]:
+    for d in c.details[:3]:
         lines.append(f"  e.g. {d}")
     return "\n".join(lines)

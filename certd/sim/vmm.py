@@ -67,6 +67,7 @@ class SocketVmm:
                 # EINVAL once the peer was killed.)
                 self.c.reconnects += 1
                 if time.monotonic() >= give_up:
+                    self.c.unavailable += 1
                     return wire.EAGAIN, b"", None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.5)
@@ -123,17 +124,21 @@ class FileVmm:
                 # QEMU exits on any error other than busy; the guest sees the VM die.
                 self.c.errors += e.errno != errno.ENOENT
                 return wire.EIO, b"", None
-            await asyncio.sleep(0.001)  # g_usleep(1000) after every attempt
             if fd is not None:
+                # g_usleep(1000) after every attempt, a successful one too (lock held). It
+                # blocks, as QEMU's vCPU thread does, so that the other VMs of this process
+                # cannot stretch the hold.
+                time.sleep(0.001)
                 break
             if time.monotonic() >= deadline:
                 return wire.EAGAIN, b"", None
+            await asyncio.sleep(0.001)
         try:
             data = os.pread(fd, os.fstat(fd).st_size, 0)
             if len(data) > npages * table.PAGE_SIZE:
                 return wire.ENOSPC, b"", None
             if self.resume_delay:
-                await asyncio.sleep(random.uniform(0, self.resume_delay))
+                time.sleep(random.uniform(0, self.resume_delay))  # the vCPU thread resumes
             report = self.psp.sign(report_data)
         finally:
             locks.unlock(fd)  # snp_release_certs_lock(): unlock, close
@@ -183,8 +188,8 @@ async def run_vmm(spec: dict, ready=lambda: None) -> dict:
                 await g.run(stop, lambda: random.uniform(lo, hi) / 1000)
             except Exception as e:  # a simulator bug must show up in the report
                 g.c.errors += 1
-                g.c.mismatch_details.append({"vm": g.vm_id, "error": repr(e),
-                                             "where": traceback.format_exc(limit=-4)})
+                g.c.note({"what": "error", "vm": g.vm_id, "why": repr(e),
+                          "where": traceback.format_exc(limit=-4)})
         tasks.append(asyncio.create_task(one()))
     ready()
     if spec.get("duration_s"):
