@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -111,8 +112,8 @@ def lock_and_install(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
     """The documented hook: ``certctl lock --exclusive -- sh -c 'FIRMWARE && INSTALL'``.
     INSTALL is the simulator's install (it adopts the lock) because ``certctl install``
     cannot take the development roots yet."""
-    fw = " ".join(_sim("firmware", paths, tcb, p, "--quiet"))
-    inst = " ".join(_sim("install", paths, tcb, p, "--quiet"))
+    fw = shlex.join(_sim("firmware", paths, tcb, p, "--quiet"))
+    inst = shlex.join(_sim("install", paths, tcb, p, "--quiet"))
     return [CERTCTL, "lock", "--exclusive", "--blob", str(paths.blob), "--timeout",
             str(p.updater_timeout), "--json", "--", "sh", "-c", f"{fw} && {inst}"]
 
@@ -205,6 +206,7 @@ class DaemonRunner:
         self.starts = 0
         self.kills = 0
         self.restart_ms: list[float] = []
+        self.kill_times: list[float] = []
         self.lock = threading.Lock()
 
     def start(self, timeout: float = 60.0) -> bool:
@@ -225,6 +227,7 @@ class DaemonRunner:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.kills += 1
+            self.kill_times.append(time.time())
             ok = self.start()
             self.restart_ms.append((time.monotonic() - t0) * 1000 if ok else float("inf"))
 
@@ -485,6 +488,7 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
         rc = daemon.stop()
         listener.close()
         result.daemon_kills = daemon.kills
+        result.params["kill_times"] = daemon.kill_times
         result.daemon_restart_ms = [round(x, 1) for x in daemon.restart_ms]
         result.duration_s = round(time.monotonic() - t_start, 2)
         try:

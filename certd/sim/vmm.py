@@ -68,6 +68,8 @@ class SocketVmm:
                 self.c.reconnects += 1
                 if time.monotonic() >= give_up:
                     self.c.unavailable += 1
+                    self.c.note({"what": "unavailable", "vm": vm_id, "at": time.time(),
+                                 "waited_s": self.unavailable_s})
                     return wire.EAGAIN, b"", None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.5)
