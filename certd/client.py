@@ -78,7 +78,8 @@ class InvalidRequest(ClientError, ValueError):
 
 
 _REFUSALS = frozenset({ErrorCode.ACCESS_DENIED, ErrorCode.RATE_LIMITED,
-                       ErrorCode.TOO_MANY_LEASES, ErrorCode.TOO_MANY_REQUESTS})
+                       ErrorCode.TOO_MANY_LEASES, ErrorCode.TOO_MANY_REQUESTS,
+                       ErrorCode.TOO_MANY_CONNECTIONS})
 _UNAVAILABLE = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.IDLE_TIMEOUT, ErrorCode.INTERNAL})
 
 

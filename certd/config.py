@@ -170,6 +170,22 @@ def _socket_path(v: Any) -> Path:
     return p
 
 
+_LOOPBACK_LISTEN = re.compile(r"(127\.0\.0\.1|\[::1\]):([0-9]{1,5})")
+
+
+def _listen(v: Any) -> str:
+    """"" (off), an absolute Unix socket path, or a loopback TCP address."""
+    s = _str(v)
+    if s == "" or s.startswith("/"):
+        return s if s == "" else str(_socket_path(s))
+    m = _LOOPBACK_LISTEN.fullmatch(s)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        # Loopback only: the endpoints need no credentials, so they must not leave the host.
+        raise _Bad("must be \"\" (off), an absolute Unix socket path, \"127.0.0.1:PORT\" or "
+                   f"\"[::1]:PORT\" (loopback only, PORT 1-65535), got {s!r}")
+    return s
+
+
 def _mode(v: Any) -> int:
     # A string, because TOML has no leading-zero integers: `socket_mode = 0660` is a syntax
     # error and `socket_mode = 660` would silently mean 0o1224.
@@ -294,6 +310,11 @@ class ServerConfig:
         _number(0, 1e6), "token bucket refill rate per VM id, requests per second"))
     rate_burst: int = field(default=100, metadata=_key(
         _int(1, 1 << 20), "token bucket size per VM id"))
+    hold_max_age_ms: int = field(default=100, metadata=_key(
+        _int(1, 60_000), "a shared hold takes new leases for at most this long, then drains "
+        "so an updater that only takes the kernel's exclusive OFD lock gets in"))
+    hold_gap_ms: int = field(default=2, metadata=_key(
+        _int(0, 1000), "after a hold drained for its age, no shared lock is taken for this long"))
     #: ``socket_group`` resolved to a gid by :func:`parse` (None: leave the group as is).
     #: Not a TOML key.
     socket_gid: int | None = None
@@ -353,6 +374,16 @@ class PlatformConfig:
         "where platform identity comes from: /dev/sev, a platform file, or auto"))
     file: Path | None = field(default=None, metadata=_key(
         _opt_abs_path, "platform TOML file (hosts without SNP, tests); \"\" = none"))
+    poll_s: float = field(default=30.0, metadata=_key(
+        _number(0.01, 86_400), "re-read the platform identity this often (also on a platform "
+        "file change, SIGHUP and every new shared hold)"))
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    roots: tuple[Path, ...] = field(default=(), metadata=_key(
+        _list_of(_abs_path, "paths"), "PEM files whose ARK/ASK/ASVK replace AMD's pinned roots "
+        "(the development PKI of certd --dev only); [] = AMD's pinned roots"))
 
 
 @dataclass(frozen=True)
@@ -393,6 +424,25 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = field(default="", metadata=_key(
+        _listen, "where /metrics, /healthz and /readyz are served: a Unix socket path, "
+        "\"127.0.0.1:PORT\" or \"[::1]:PORT\"; \"\" = off"))
+    socket_mode: int = field(default=0o660, metadata=_key(
+        _mode, "permissions of the metrics Unix socket (octal string)"))
+
+    @property
+    def address(self) -> tuple[str, str, int] | None:
+        """``("unix", path, 0)``, ``("tcp", host, port)``, or None when off."""
+        if not self.listen:
+            return None
+        if self.listen.startswith("/"):
+            return ("unix", self.listen, 0)
+        host, _, port = self.listen.rpartition(":")
+        return ("tcp", host.strip("[]"), int(port))
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = field(metadata=_key(_profile_name, "unique profile name (for logs)"))
     blob: Path = field(metadata=_key(_abs_path, "certificate blob served to these VMs"))
@@ -409,9 +459,11 @@ _SECTIONS: dict[str, tuple[str, type]] = {
     "access": ("access", AccessConfig),
     "store": ("store", StoreConfig),
     "platform": ("platform", PlatformConfig),
+    "trust": ("trust", TrustConfig),
     "kds": ("kds", KdsConfig),
     "watch": ("watch", WatchConfig),
     "log": ("log", LogConfig),
+    "metrics": ("metrics", MetricsConfig),
 }
 
 
@@ -421,9 +473,11 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     kds: KdsConfig = field(default_factory=KdsConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: ``[[profile]]`` tables in file order.
     profiles: tuple[Profile, ...] = ()
     #: Where this came from (a path or ``<defaults>``), for log lines.
@@ -648,6 +702,11 @@ def parse(text: str, source: str = "<string>") -> Config:
     if kds is not None and kds.max_backoff_s < kds.min_backoff_s:
         b.bad(("kds", "max_backoff_s"),
               f"must be at least min_backoff_s ({kds.min_backoff_s:g}), got {kds.max_backoff_s:g}")
+    metrics = parts.get("metrics")
+    if metrics is not None and metrics.listen and \
+            Path(metrics.listen) == parts.get("server", ServerConfig()).socket:
+        b.bad(("metrics", "listen"), f"{metrics.listen!r} is server.socket; the metrics "
+              "listener needs a path of its own")
     store = parts.get("store", StoreConfig())
     names: dict[str, int] = {}
     blobs: dict[Path, str] = {store.blob: "store.blob"}

@@ -12,6 +12,9 @@ CHECK_FAILED = 1
 USAGE = 2
 #: ``certctl fetch``: the buffer was too small; the answer carries the page count.
 NOSPACE = 3
+#: ``certctl status``: the daemon answers, but a profile serves the empty table (no blob,
+#: or a blob that failed the policy), a stale blob, or a leaf or CRL expiring soon.
+DEGRADED = 4
 #: The input is malformed: not a certificate, not a blob, not a report.
 DATAERR = 65
 #: An input file does not exist or cannot be read.
@@ -34,6 +37,8 @@ DESCRIPTIONS = {
     CHECK_FAILED: "a check failed (details printed)",
     USAGE: "usage error",
     NOSPACE: "buffer too small (ENOSPC): the required page count is printed",
+    DEGRADED: "degraded (status): a profile serves the empty table or a stale blob, or its "
+              "leaf or CRL expires within --warn-days",
     DATAERR: "invalid input data (certificate, blob, report)",
     NOINPUT: "input file missing or unreadable",
     UNAVAILABLE: "daemon or service unavailable",

@@ -10,6 +10,21 @@ Two kinds, both set through the environment so they reach real processes (the da
   ``inode-check``), for the same purpose.
 * ``CERTD_FAULT_AT=<step>`` (store only): SIGKILL the installing process at that step.
 
+Names in use (grep for ``fault("`` and ``unsafe("``):
+
+* fault ``early-release``: ``BlobStore.update`` releases the exclusive lock (blob and
+  gate) before running the change and installing; nothing else differs.
+* unsafe ``journal``: updaters write no journal (a killed updater leaves no trace).
+* unsafe ``settle``: ``BlobStore.update`` does not re-check the blob after a change that
+  installed nothing (a failed firmware step leaves the stale blob).
+* unsafe ``bounded-read``: the blob is opened blocking and read whole, whatever it is.
+* unsafe ``nested-keep``: a nested install unlocks the new blob when it ends instead of
+  handing the lock to the enclosing ``certctl lock``.
+* unsafe ``adopt-check``: a nested updater adopts any exclusive lock it sees on the gate,
+  without the enclosing ``certctl lock`` answering (a stale ``$CERTD_LOCK_HELD`` works).
+* unsafe ``ensure-recheck``: ``BlobStore.ensure_exists`` writes the empty table even if
+  a blob appeared while it waited for the gate.
+
 Nothing in a production configuration sets these; the daemon logs a warning at start
 when any is set (see :func:`active`).
 """

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from certd import faults
 from certd.abi import tcb as tcbmod
 from certd.abi.product import Product
 from certd.abi.tcb import Tcb
@@ -190,11 +191,6 @@ def save(p: Platform, path: str | Path) -> None:
 
 # --- /dev/sev (best effort; cannot run without SNP hardware) ----------------------------
 
-SEV_ISSUE_CMD = 0xC0105300  # _IOWR('S', 0, struct sev_issue_cmd), 16 bytes packed
-SEV_GET_ID2 = 8
-SNP_PLATFORM_STATUS = 9
-
-
 def product_from_cpuinfo(path: str = "/proc/cpuinfo") -> Product:
     """Product from the first CPU's family/model (what CPUID says; Siena/Bergamo -> Genoa)."""
     fam = model = None
@@ -220,14 +216,14 @@ def product_from_cpuinfo(path: str = "/proc/cpuinfo") -> Product:
 def read_dev_sev(path: str = "/dev/sev", *, product: Product | None = None) -> Platform:
     """Read SNP_PLATFORM_STATUS and GET_ID2 from the SEV firmware device.
 
-    Layouts (include/uapi/linux/psp-sev.h): sev_issue_cmd {u32 cmd; u64 data; u32 error}
-    packed; sev_user_data_snp_status 32 bytes (flags u32 at 8: bit0 mask_chip_id, bit2
-    vlek_en; current_tcb u64 at 16; reported_tcb u64 at 24); sev_user_data_get_id2
-    {u64 address; u32 length} packed. Untested here (no SNP host); kept small on purpose.
+    Both go through the one ioctl ``SEV_ISSUE_CMD``; the structures are decoded by the
+    pure functions of :mod:`certd.amd.sev` (docs/platform.md maps the fields). Untested
+    here beyond those decoders (no SNP host); kept small on purpose.
     """
     import ctypes
     import fcntl
-    import struct
+
+    from certd.amd import sev
 
     if not os.path.exists(path):
         raise PlatformError(f"{path} does not exist: this host has no SEV firmware interface "
@@ -236,11 +232,11 @@ def read_dev_sev(path: str = "/dev/sev", *, product: Product | None = None) -> P
     product = product or product_from_cpuinfo()
 
     def issue(fd: int, cmd: int, buf: ctypes.Array) -> None:
-        arg = bytearray(struct.pack("<IQI", cmd, ctypes.addressof(buf), 0))
+        arg = bytearray(sev.encode_issue_cmd(sev.IssueCmd(cmd, ctypes.addressof(buf))))
         try:
-            fcntl.ioctl(fd, SEV_ISSUE_CMD, arg, True)
+            fcntl.ioctl(fd, sev.SEV_ISSUE_CMD, arg, True)
         except OSError as e:
-            fw_error = struct.unpack_from("<I", arg, 12)[0]
+            fw_error = sev.decode_issue_cmd(bytes(arg)).error
             raise PlatformError(f"{path}: SEV command {cmd} failed: {e.strerror} "
                                 f"(firmware error 0x{fw_error:x})") from None
 
@@ -250,23 +246,95 @@ def read_dev_sev(path: str = "/dev/sev", *, product: Product | None = None) -> P
         raise PlatformError(f"cannot open {path}: {e.strerror} (needs root or the device's "
                             "group)") from None
     try:
-        status = ctypes.create_string_buffer(32)
-        issue(fd, SNP_PLATFORM_STATUS, status)
-        ident = ctypes.create_string_buffer(64)
-        id2 = ctypes.create_string_buffer(struct.pack("<QI", ctypes.addressof(ident), 64), 12)
-        issue(fd, SEV_GET_ID2, id2)
-        id_len = struct.unpack_from("<I", id2.raw, 8)[0]
+        status_buf = ctypes.create_string_buffer(sev.SNP_STATUS.size)
+        issue(fd, sev.SNP_PLATFORM_STATUS, status_buf)
+        ident = ctypes.create_string_buffer(sev.ID_BUFFER_LEN)
+        id2 = ctypes.create_string_buffer(
+            sev.encode_get_id2(ctypes.addressof(ident), sev.ID_BUFFER_LEN), sev.GET_ID2.size)
+        issue(fd, sev.SEV_GET_ID2, id2)
     finally:
         os.close(fd)
-    flags, = struct.unpack_from("<I", status.raw, 8)
-    current, reported = struct.unpack_from("<QQ", status.raw, 16)
-    chip_id = ident.raw[: min(id_len, 64)][: product.hwid_len]
-    if len(chip_id) != product.hwid_len:
-        raise PlatformError(f"{path}: GET_ID2 returned {id_len} bytes; a {product.value} "
-                            f"chip id has {product.hwid_len}")
+    try:
+        status = sev.decode_snp_status(status_buf.raw)
+        _, id_len = sev.decode_get_id2(id2.raw)
+        chip_id = sev.chip_id_from_id_buffer(ident.raw, id_len, product)
+    except sev.SevError as e:
+        raise PlatformError(f"{path}: {e}") from None
     return Platform(product=product,
-                    reported_tcb=tcbmod.decode(reported, product),
-                    current_tcb=tcbmod.decode(current, product),
+                    reported_tcb=status.reported_tcb(product),
+                    current_tcb=status.current_tcb(product),
                     chip_id=chip_id,
-                    mask_chip_id=bool(flags & 1),
-                    signing_key="vlek" if flags & 4 else "vcek")
+                    mask_chip_id=status.mask_chip_id,
+                    signing_key="vlek" if status.vlek_en else "vcek")
+
+
+# --- the platform as observed now -------------------------------------------------------
+
+class PlatformSource:
+    """The platform identity as it is *now*, re-read when it may have changed.
+
+    Firmware updates, SNP_COMMIT, SNP_SET_CONFIG and SNP_VLEK_LOAD change the reported TCB
+    and the signing key while certd runs, so a snapshot taken at start goes stale.
+    :meth:`observe` re-reads the identity (a platform file only when its inode, size,
+    mtime or ctime changed; ``/dev/sev`` on every call) and bumps :attr:`epoch` whenever
+    what it says changed, so every verdict taken under the old identity can be told apart
+    from one taken under the new. A read that fails leaves :attr:`current` None with
+    :attr:`error` saying why: nothing is served as valid on an identity nobody can read.
+
+    ``kind``: ``"file"`` (``path``), ``"sev"`` (``path`` defaults to /dev/sev) or
+    ``"fixed"`` (``fixed``: tests and dev mode pass a Platform).
+    """
+
+    def __init__(self, kind: str, path: str | Path | None = None,
+                 fixed: Platform | None = None):
+        if kind not in ("file", "sev", "fixed"):
+            raise PlatformError(f"platform source must be file, sev or fixed, got {kind!r}")
+        if kind == "file" and path is None:
+            raise PlatformError("a platform file source needs a path")
+        self.kind = kind
+        self.path = str(path) if path is not None else ("/dev/sev" if kind == "sev" else None)
+        self.current: Platform | None = fixed
+        self.error: str | None = None
+        self.epoch = 0
+        self._key: tuple[int, ...] | None = None
+        if kind != "fixed":
+            self.observe(force=True)
+
+    def describe(self) -> str:
+        return {"file": f"platform file {self.path}", "sev": f"{self.path}",
+                "fixed": "built-in platform"}[self.kind]
+
+    def _file_key(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.path)  # type: ignore[arg-type]
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def observe(self, force: bool = False) -> bool:
+        """Look at the platform now; True if its identity changed (epoch bumped)."""
+        if self.kind == "fixed" or faults.unsafe("platform-observe"):
+            return False
+        if self.kind == "file":
+            key = self._file_key()
+            if not force and key is not None and key == self._key:
+                return False
+            self._key = key
+        try:
+            new = load(self.path) if self.kind == "file" else read_dev_sev(self.path)  # type: ignore[arg-type]
+            error = None
+        except (PlatformError, OSError) as e:
+            new, error = None, str(e)
+        if new == self.current and error == self.error:
+            return False
+        self.current, self.error = new, error
+        self.epoch += 1
+        return True
+
+    def set_fixed(self, platform: Platform) -> None:
+        """Tests and dev mode: the platform changed to ``platform`` (kind ``fixed`` only)."""
+        if self.kind != "fixed":
+            raise PlatformError("only a fixed platform source is set by hand")
+        if platform != self.current:
+            self.current = platform
+            self.epoch += 1

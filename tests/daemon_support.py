@@ -157,6 +157,9 @@ allow_uids = [{', '.join(map(str, sorted(set(allow_uids) | {os.getuid()})))}]
 blob = "{directory / 'certs.blob'}"
 
 {plat}
+[kds]
+base_url = ""   # tests never reach AMD; KDS tests start their own server
+
 [log]
 level = "debug"
 format = "json"
@@ -175,3 +178,22 @@ def make_daemon(directory: Path, *, blob: bytes | None = b"", **kw) -> DaemonPro
     if blob is not None:
         (directory / "certs.blob").write_bytes(blob)
     return DaemonProc(directory, config_text(directory, platform_file=pf, **kw))
+
+
+class TableOnlyJudge:
+    """Tests that serve arbitrary (non-certificate) tables judge by format alone. The
+    daemon itself always judges with certd.policy (certd.service.profiles.Judge)."""
+
+    epoch = 0
+
+    def observe(self, force: bool = False) -> bool:
+        return False
+
+    def problems(self, blob: bytes):
+        from certd.abi import table
+        from certd.verify.problems import Problem
+        try:
+            table.decode(blob)
+        except table.TableError as e:
+            return [Problem("format", str(e))]
+        return []

@@ -7,32 +7,14 @@ import errno
 import os
 import pathlib
 import subprocess
-import uuid
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from certd.abi import table
-from certd.abi.table import Entry, Role
 from certd.store import locks
 from certd.store.blobstore import (STEPS, BlobStore, InvalidBlob, NothingToRollBack,
-                                   StoreIOError, format_problems)
-
-VECTORS = pathlib.Path(__file__).parent / "vectors"
-
-
-def fake_blob(tag: bytes, size: int = 200) -> bytes:
-    """A well-formed table with distinct fake content (passes the format-only check)."""
-    return table.encode([Entry.of(Role.ARK, tag * 8), Entry.of(Role.ASK, tag * 4),
-                         Entry.of(Role.VCEK, (tag * size)[:size])])
-
-
-def real_blob(product: str, vcek: str) -> bytes:
-    ask, ark = x509.load_pem_x509_certificates((VECTORS / f"{product}_cert_chain.pem").read_bytes())
-    return table.encode([Entry.of(Role.ARK, ark.public_bytes(Encoding.DER)),
-                         Entry.of(Role.ASK, ask.public_bytes(Encoding.DER)),
-                         Entry.of(Role.VCEK, (VECTORS / vcek).read_bytes())])
+                                   StoreIOError, check)
+from store_support import fake_blob, real_blob, table_only
 
 
 A, B, C = fake_blob(b"A"), fake_blob(b"B"), fake_blob(b"C")
@@ -40,7 +22,7 @@ A, B, C = fake_blob(b"A"), fake_blob(b"B"), fake_blob(b"C")
 
 @pytest.fixture
 def store(tmp_path):
-    s = BlobStore(tmp_path / "certs.blob")
+    s = BlobStore(tmp_path / "certs.blob", table_only)
     s.install(A)
     return s
 
@@ -54,7 +36,7 @@ def leftovers(store: BlobStore) -> list[str]:
 
 
 def test_first_install_then_replace_keeps_prev(tmp_path):
-    s = BlobStore(tmp_path / "certs.blob")
+    s = BlobStore(tmp_path / "certs.blob", table_only)
     assert s.read() is None  # unconfigured
     r1 = s.install(A)
     assert r1.previous_sha256 is None and r1.prev_path is None
@@ -67,6 +49,7 @@ def test_first_install_then_replace_keeps_prev(tmp_path):
     assert r2.previous_sha256 == r1.sha256 and r2.prev_path == s.prev_path
     assert r2.locked_ns <= r2.released_ns
     assert sorted(os.listdir(tmp_path)) == [".certs.blob.gate", "certs.blob", "certs.blob.prev"]
+    assert s.journal() is None  # every update removes its journal once settled
 
 
 def test_prev_is_the_old_inode(store):
@@ -84,7 +67,7 @@ def test_rollback_swaps_and_a_second_rollback_undoes_it(store):
 
 
 def test_rollback_without_prev(tmp_path):
-    s = BlobStore(tmp_path / "certs.blob")
+    s = BlobStore(tmp_path / "certs.blob", table_only)
     s.install(A)
     with pytest.raises(NothingToRollBack, match="certs.blob.prev does not exist"):
         s.rollback()
@@ -135,8 +118,7 @@ def test_blob_for_another_product_is_refused_by_policy(tmp_path):
                         chip_id=leaf.hwid)
 
     def validate(blob):
-        return format_problems(blob) or policy.check_blob(blob, trust=roots.pinned(),
-                                                          platform=platform)
+        return policy.check_blob(blob, trust=roots.pinned(), platform=platform)
 
     s = BlobStore(tmp_path / "certs.blob", validate)
     s.install(milan)  # the matching blob passes the full policy
@@ -150,11 +132,14 @@ def test_blob_for_another_product_is_refused_by_policy(tmp_path):
     with pytest.raises(InvalidBlob) as e:
         s2.install(real_blob("milan", "milan_gcp_vcek.der"))
     assert any(p.check in ("tcb", "chip_id") for p in e.value.problems)
-    assert snapshot(s.path) == before
+    # Refused, and the current blob does not fit this platform either: it is emptied.
+    assert e.value.result.outcome == "emptied" and "empty table" in str(e.value)
+    assert pathlib.Path(s.path).read_bytes() == table.EMPTY_TABLE
+    assert pathlib.Path(s.prev_path).read_bytes() == before[0]
 
 
 def test_missing_directory(tmp_path):
-    s = BlobStore(tmp_path / "nope" / "certs.blob")
+    s = BlobStore(tmp_path / "nope" / "certs.blob", table_only)
     with pytest.raises(StoreIOError) as e:
         s.install(A)
     assert e.value.errno == errno.ENOENT
@@ -177,7 +162,7 @@ def test_io_error_at_any_step_before_rename_changes_nothing(store, step):
             raise OSError(errno.ENOSPC, "No space left on device")
     store.install(C)
     before, prev_before = snapshot(store.path), snapshot(store.prev_path)
-    s = BlobStore(store.path, fault=fault)
+    s = BlobStore(store.path, table_only, fault=fault)
     with pytest.raises(StoreIOError) as e:
         s.install(B)
     assert e.value.errno == errno.ENOSPC
@@ -206,7 +191,7 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_full_disk_for_real(tiny_tmpfs):
-    s = BlobStore(tiny_tmpfs / "certs.blob")
+    s = BlobStore(tiny_tmpfs / "certs.blob", table_only)
     s.install(A)
     before = snapshot(s.path)
     # Fill the filesystem so the next blob cannot be written.
@@ -230,7 +215,7 @@ def test_full_disk_for_real(tiny_tmpfs):
 
 
 def test_read_only_filesystem_for_real(tiny_tmpfs):
-    s = BlobStore(tiny_tmpfs / "certs.blob")
+    s = BlobStore(tiny_tmpfs / "certs.blob", table_only)
     s.install(A)
     before = snapshot(s.path)
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
@@ -272,27 +257,22 @@ def test_recover_waits_for_a_live_updater(store):
 
 def test_fault_steps_are_all_visited(store):
     seen = []
-    BlobStore(store.path, fault=seen.append).install(B)
+    BlobStore(store.path, table_only, fault=seen.append).install(B)
     assert tuple(seen) == STEPS
 
 
-def test_nested_install_adopts_an_exclusive_hold(store, monkeypatch):
-    """What a hook under 'certctl lock --exclusive' does: install twice with the lock held."""
-    ex = locks.BlobLock(store.path).acquire_exclusive_sync(None)
-    try:
-        monkeypatch.setenv(locks.HELD_ENV, locks.held_env("exclusive", ex.gate_fd, ex.fd,
-                                                          store.path))
-        store.install(B, timeout=0.2)
-        store.install(C, timeout=0.2)  # the inherited blob fd is stale now: locks the new one
-        assert pathlib.Path(store.path).read_bytes() == C
-        assert locks.updater_waiting(store.path)  # the parent still holds the gate
-    finally:
-        ex.release()
-    monkeypatch.delenv(locks.HELD_ENV)
-    assert store.read() == C
+def test_the_empty_table_is_always_installable(store):
+    def refuse_all(blob):
+        raise AssertionError("the validator must not be asked about the empty table")
+
+    assert check(table.EMPTY_TABLE, refuse_all) == []
+    store.install(table.EMPTY_TABLE, validate=refuse_all)
+    assert store.read() == table.EMPTY_TABLE
 
 
-def test_unknown_guid_blob_is_a_valid_table():
-    blob = table.encode([Entry(uuid.uuid4(), b"x")])
-    assert format_problems(blob) == []
-    assert format_problems(table.EMPTY_TABLE) == []
+def test_a_validator_that_raises_refuses(store):
+    def broken(blob):
+        raise ValueError("lazy field parse")
+
+    problems = check(A, broken)
+    assert [p.check for p in problems] == ["validator"] and "lazy field parse" in problems[0].message

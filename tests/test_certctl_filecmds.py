@@ -8,7 +8,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -19,28 +18,9 @@ from certd.abi import table
 from certd.abi.table import Entry, Role
 from certd import exitcodes
 from certd.store import locks
+from store_support import CERTCTL, certctl, certctl_runner, milan_platform, real_blob
 
 VECTORS = pathlib.Path(__file__).parent / "vectors"
-CERTCTL = [sys.executable, "-c", textwrap.dedent("""
-    import importlib.util, sys
-    from certd.cli import certctl
-    # run with whatever subcommands this checkout has (others are written concurrently)
-    certctl.COMMANDS = tuple(c for c in certctl.COMMANDS
-                             if importlib.util.find_spec('certd.cli.cmd_' + c))
-    sys.exit(certctl.main())
-""")]
-
-
-def real_blob(product: str, vcek: str) -> bytes:
-    ask, ark = x509.load_pem_x509_certificates((VECTORS / f"{product}_cert_chain.pem").read_bytes())
-    return table.encode([Entry.of(Role.ARK, ark.public_bytes(Encoding.DER)),
-                         Entry.of(Role.ASK, ask.public_bytes(Encoding.DER)),
-                         Entry.of(Role.VCEK, (VECTORS / vcek).read_bytes())])
-
-
-def certctl(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(CERTCTL + list(args), capture_output=True, text=True,
-                          timeout=timeout, **kw)
 
 
 @pytest.fixture
@@ -52,16 +32,9 @@ def env(tmp_path):
 
 
 def milan_platform_file(tmp_path, blob: bytes, **over) -> pathlib.Path:
-    from certd import policy
-    from certd.abi.product import Product
-    from certd.platform import Platform, save
-    leaf = policy.parse_blob(blob).leaf
-    p = Platform(product=Product.MILAN, reported_tcb=leaf.ext.tcb(Product.MILAN),
-                 chip_id=leaf.hwid)
-    if over:
-        p = p.replace(**over)
+    from certd.platform import save
     f = tmp_path / "platform.toml"
-    save(p, f)
+    save(milan_platform(blob, **over), f)
     return f
 
 
@@ -235,9 +208,7 @@ def test_hook_installs_under_its_own_exclusive_lock(env):
     The nested install reuses the held lock; readers stay out until the hook ends."""
     d, blob, m1, m2 = env
     assert certctl("install", "--blob", str(blob), str(m1), "--force").returncode == 0
-    runner = d / "certctl_runner.py"
-    runner.write_text(CERTCTL[2])
-    cli = f"'{sys.executable}' '{runner}'"
+    cli = certctl_runner(d)
     inner = cli + \
         f" install --blob '{blob}' '{m2}' --force --timeout 1 && " + \
         f"{sys.executable} -c \"import sys; from certd.store import locks as L; " \

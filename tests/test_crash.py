@@ -22,20 +22,24 @@ from certd.abi import table
 from certd.abi.table import Entry, Role
 from certd.store import locks
 from certd.store.blobstore import FAULT_ENV, STEPS, BlobStore
+from store_support import table_only
 
 A = table.encode([Entry.of(Role.ARK, b"A" * 64), Entry.of(Role.VCEK, b"a" * 3000)])
 B = table.encode([Entry.of(Role.ARK, b"B" * 64), Entry.of(Role.VCEK, b"b" * 3500)])
+TESTS = str(pathlib.Path(__file__).parent)
 
 INSTALL_ONCE = textwrap.dedent("""
     import sys
     from certd.store.blobstore import BlobStore
-    BlobStore(sys.argv[1]).install(open(sys.argv[2], 'rb').read())
+    from store_support import table_only
+    BlobStore(sys.argv[1], table_only).install(open(sys.argv[2], 'rb').read())
 """)
 
 INSTALL_LOOP = textwrap.dedent("""
     import sys
     from certd.store.blobstore import BlobStore
-    s = BlobStore(sys.argv[1])
+    from store_support import table_only
+    s = BlobStore(sys.argv[1], table_only)
     blobs = [open(p, 'rb').read() for p in sys.argv[2:]]
     print('ready', flush=True)
     n = 0
@@ -71,12 +75,12 @@ def files(tmp_path):
 @pytest.mark.parametrize("first_install", [False, True], ids=["replace", "first-install"])
 def test_kill_at_every_step(files, first_install):
     path, new = files
-    store = BlobStore(path)
+    store = BlobStore(path, table_only)
     if not first_install:
         store.install(A)
     expect_new_from = STEPS.index("renamed")
     for i, step in enumerate(STEPS):
-        env = dict(os.environ, **{FAULT_ENV: step})
+        env = dict(os.environ, **{FAULT_ENV: step}, PYTHONPATH=TESTS)
         r = subprocess.run([sys.executable, "-c", INSTALL_ONCE, str(path), str(new)],
                            env=env, capture_output=True, timeout=60)
         assert r.returncode == -signal.SIGKILL, (step, r.stderr)
@@ -91,7 +95,7 @@ def test_kill_at_every_step(files, first_install):
             assert len(removed) == 1, (step, removed)  # the temp file, and nothing else
         # reset for the next step
         if path.exists():
-            BlobStore(path).install(A)
+            BlobStore(path, table_only).install(A)
         if first_install:
             for p in (path, pathlib.Path(str(path) + ".prev")):
                 p.unlink(missing_ok=True)
@@ -100,14 +104,14 @@ def test_kill_at_every_step(files, first_install):
 def test_kill_at_random_moments(files):
     path, new = files
     (path.parent / "a.blob").write_bytes(A)
-    store = BlobStore(path)
+    store = BlobStore(path, table_only)
     store.install(A)
     rng = random.Random(1234)
     runs, leftovers, old_seen, new_seen = 40, 0, 0, 0
     for _ in range(runs):
         child = subprocess.Popen(
             [sys.executable, "-c", INSTALL_LOOP, str(path), str(path.parent / "a.blob"), str(new)],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=TESTS))
         try:
             assert child.stdout.readline().strip() == "ready"
             time.sleep(rng.uniform(0, 0.03))

@@ -6,16 +6,18 @@ import asyncio
 import os
 import re
 import subprocess
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from certd import client as clientmod
 from certd.abi import table, wire
 from certd.client import AsyncClient
 from certd.service import access
-from certd.service.profiles import Profile, ProfileSet, format_only
+from certd.service.profiles import Profile, ProfileSet
 from certd.service.server import CertServer, Limits
-from tests.daemon_support import BIN, Notifications, make_daemon
+from tests.daemon_support import BIN, Notifications, TableOnlyJudge, make_daemon
 
 
 def test_per_vm_profiles_route_by_vm_id(tmp_path):
@@ -40,7 +42,7 @@ async def _server(tmp_path, **limits):
     blob = tmp_path / "b.blob"
     blob.write_bytes(table.encode([table.Entry.of(table.Role.ARK, b"a" * 100)]))
     rate = limits.pop("rate", access.RateLimiter(0, 0))
-    srv = CertServer(ProfileSet(Profile("t", str(blob), validate=format_only)), Limits(**limits),
+    srv = CertServer(ProfileSet(Profile("t", str(blob), TableOnlyJudge())), Limits(**limits),
                      access.AllowList(frozenset({os.getuid()})), rate)
     server = await asyncio.get_running_loop().create_unix_server(srv.protocol,
                                                                  str(tmp_path / "s"))
@@ -133,14 +135,27 @@ def test_dev_mode_end_to_end(tmp_path):
         while not (line := proc.stdout.readline()).startswith("Ctrl-C"):
             banner.append(line)
         commands = [l.strip() for l in banner if l.strip().startswith(str(BIN / "certctl"))]
-        assert len(commands) == 4, banner
+        assert len(commands) == 5, banner  # fetch, status, show, verify, fw-update
+        urls = [l.split()[1] for l in banner if l.startswith("  metrics  ")]  # metrics on
+        assert len(urls) == 1 and re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", urls[0])
+        with urllib.request.urlopen(urls[0], timeout=10) as r:
+            assert "certd_profile_state" in {
+                f.name for f in text_string_to_metric_families(r.read().decode())}
         fetch = commands[0].replace("/tmp/certs-table.bin", str(tmp_path / "t.bin"))
         for cmd in [fetch] + commands[1:]:
             r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, (cmd, r.stdout, r.stderr)
-        assert (tmp_path / "t.bin").read_bytes() == (tmp_path / "dev" / "certs.blob").read_bytes()
         assert re.search(r"ret=0 .* lease=\d+", subprocess.run(
             fetch, shell=True, capture_output=True, text=True, timeout=60).stdout)
+        assert (tmp_path / "t.bin").read_bytes() == (tmp_path / "dev" / "certs.blob").read_bytes()
+        # After the banner's fw-update the served blob fits the moved platform.
+        dev = tmp_path / "dev"
+        r = subprocess.run([str(BIN / "certctl"), "verify", str(tmp_path / "t.bin"), "--roots",
+                            str(dev / "dev-roots.pem"), "--platform", str(dev / "platform.toml")],
+                           capture_output=True, text=True, timeout=60)
+        assert "snp=9" in (dev / "platform.toml").read_text() or "snp = 9" in \
+            (dev / "platform.toml").read_text()
+        assert r.returncode == 0, r.stdout + r.stderr
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0

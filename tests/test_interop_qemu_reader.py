@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
@@ -23,17 +20,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from certd.abi import table
 from certd.abi.table import Entry, Role
+from store_support import CERTCTL, build_qemu_reader
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
-CERTCTL = [sys.executable, "-c", textwrap.dedent("""
-    import importlib.util, sys
-    from certd.cli import certctl
-    # run with whatever subcommands this checkout has (others are written concurrently)
-    certctl.COMMANDS = tuple(c for c in certctl.COMMANDS
-                             if importlib.util.find_spec('certd.cli.cmd_' + c))
-    sys.exit(certctl.main())
-""")]
 READERS, ROTATIONS = 4, 12
 
 
@@ -50,12 +40,9 @@ def milan_blobs() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def qemu_reader(tmp_path_factory):
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
+    exe = build_qemu_reader(tmp_path_factory.mktemp("cc"))
+    if exe is None:
         pytest.skip("no C compiler")
-    exe = tmp_path_factory.mktemp("cc") / "qemu_reader"
-    subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-o", str(exe),
-                    str(ROOT / "contrib" / "qemu_reader.c")], check=True, timeout=60)
     return exe
 
 

@@ -88,12 +88,16 @@ def test_shared_hold_reads_and_keys(blob):
     lk.close()
 
 
-def test_read_of_large_file(tmp_path):
+def test_read_of_the_largest_blob(tmp_path):
     p = tmp_path / "big"
-    data = os.urandom(300_000)
+    data = os.urandom(locks.MAX_BLOB)
     p.write_bytes(data)
     with locks.acquire_shared_sync(p, None) as h:
         assert h.read() == data
+    p.write_bytes(data + b"x")
+    with locks.acquire_shared_sync(p, None) as h:
+        with pytest.raises(locks.BlobUnusable, match=f"at most {locks.MAX_BLOB}"):
+            h.read()
 
 
 def test_missing_blob_is_unconfigured(tmp_path):
@@ -301,36 +305,6 @@ def test_cancelled_exclusive_wait_drops_the_gate(blob):
 
     asyncio.run(main())
     reader.release()
-    lk.close()
-
-
-def test_inherited_hold(blob, monkeypatch):
-    lk = BlobLock(blob)
-    ex = lk.acquire_exclusive_sync(None)
-    try:
-        monkeypatch.setenv(locks.HELD_ENV, locks.held_env("exclusive", ex.gate_fd, ex.fd, blob))
-        h = locks.inherited_hold(blob)
-        assert h is not None and h.adopted_gate and h.adopted_blob
-        assert h.ident == ex.ident
-        h.release()  # closes dups only: the parent's locks stay
-        assert lk.updater_waiting()
-        with pytest.raises(LockBusy):
-            BlobLock(blob).acquire_shared_sync(None)
-        assert locks.inherited_hold(blob + ".other") is None
-        monkeypatch.setenv(locks.HELD_ENV, locks.held_env("shared", ex.gate_fd, ex.fd, blob))
-        with pytest.raises(RuntimeError, match="--exclusive"):
-            locks.inherited_hold(blob)
-        monkeypatch.setenv(locks.HELD_ENV, "garbage")
-        assert locks.inherited_hold(blob) is None
-    finally:
-        ex.release()
-    # stale env (the lock is gone): not adopted
-    g = os.open(locks.gate_path(blob), os.O_RDONLY)
-    try:
-        monkeypatch.setenv(locks.HELD_ENV, locks.held_env("exclusive", g, None, blob))
-        assert locks.inherited_hold(blob) is None
-    finally:
-        os.close(g)
     lk.close()
 
 

@@ -13,10 +13,14 @@ from certd import devpki, policy
 from certd.abi import table, wire
 from certd.abi.tcb import Tcb
 from certd.client import AsyncClient
-from certd.service.profiles import Profile, ProfileSet, format_only
+from certd.service.profiles import Profile, ProfileSet
 from certd.service.server import CertServer, Limits
 from certd.service import access
 from certd.store.blobstore import BlobStore
+from certd import platform as platformmod
+from certd.platform import PlatformSource
+from certd.service.profiles import Judge
+from tests.daemon_support import TableOnlyJudge
 
 
 async def serve(tmp_path: Path, profile: Profile, **limits) -> tuple[CertServer, asyncio.AbstractServer, str]:
@@ -38,7 +42,7 @@ async def test_enospc_page_counts_are_exact(tmp_path, k):
     for size in (4096 * k - 1, 4096 * k, 4096 * k + 1):
         blob = tmp_path / f"b{size}"
         blob.write_bytes(sized_table(size))
-        srv, server, path = await serve(tmp_path, Profile("t", str(blob), validate=format_only))
+        srv, server, path = await serve(tmp_path, Profile("t", str(blob), TableOnlyJudge()))
         try:
             async with AsyncClient(path) as c:
                 need = table.npages(size)
@@ -65,13 +69,15 @@ async def test_never_wrong_under_rotations(tmp_path):
     Mismatches must be 0; EAGAIN is allowed; EIO never."""
     pki = devpki.DevPki.generate(name="rotation")
     psp = devpki.FakePsp(pki, devpki.make_platform())
+    # The firmware's state lives in the platform file, as /dev/sev would report it; the
+    # daemon's judge observes that file, never the simulator's in-memory platform.
+    platform_file = tmp_path / "platform.toml"
+    platformmod.save(psp.platform, platform_file)
+    judge = Judge(pki.trust, PlatformSource("file", platform_file))
     blob_path = tmp_path / "certs.blob"
-    store = BlobStore(blob_path, lambda b: policy.check_blob(b, trust=pki.trust,
-                                                             platform=psp.platform))
+    store = BlobStore(blob_path, judge.problems)
     store.install(psp.blob())
-    profile = Profile("default", str(blob_path),
-                      validate=lambda b: policy.check_blob(b, trust=pki.trust,
-                                                           platform=psp.platform))
+    profile = Profile("default", str(blob_path), judge)
     srv, server, path = await serve(tmp_path, profile, request_deadline=0.5)
     stats = {"ok": 0, "eagain": 0, "mismatch": 0, "rotations": 0, "generations": set()}
     stop = asyncio.Event()
@@ -97,6 +103,7 @@ async def test_never_wrong_under_rotations(tmp_path):
         def firmware_update(current: bytes | None) -> bytes:
             t = psp.platform.reported_tcb
             psp.update_firmware(Tcb(bl=t.bl, tee=t.tee, snp=snp, ucode=t.ucode))
+            platformmod.save(psp.platform, platform_file)  # the firmware now says so
             return psp.blob()  # the VCEK for the new TCB (a KDS fetch in production)
         store.update(firmware_update, timeout=10)
 
@@ -127,7 +134,7 @@ async def test_rotation_without_the_lock_is_caught(tmp_path):
     psp = devpki.FakePsp(pki, devpki.make_platform())
     blob_path = tmp_path / "certs.blob"
     blob_path.write_bytes(psp.blob())
-    profile = Profile("default", str(blob_path), validate=format_only)
+    profile = Profile("default", str(blob_path), TableOnlyJudge())
     srv, server, path = await serve(tmp_path, profile)
     try:
         async with AsyncClient(path) as c:

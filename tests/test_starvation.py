@@ -64,6 +64,7 @@ def test_exclusive_lock_gets_in_past_back_to_back_readers(tmp_path):
                 time.sleep(0.001)
         finally:
             os.close(fd)
+        assert not naive_got_in, "precondition: the readers must keep a shared lock held"
         for _ in range(trials):
             t0 = time.monotonic()
             r = subprocess.run(CERTCTL + ["lock", "--blob", str(path), "--exclusive",

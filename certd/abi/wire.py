@@ -84,6 +84,7 @@ class ErrorCode(enum.IntEnum):
     RATE_LIMITED = 17        # arg = milliseconds to wait before retrying
     TOO_MANY_LEASES = 18     # arg = the per-connection lease limit
     TOO_MANY_REQUESTS = 19   # arg = the per-connection in-flight limit
+    TOO_MANY_CONNECTIONS = 20  # the daemon's connection limit is reached (closing)
     SHUTTING_DOWN = 32       # the daemon is stopping (closing)
     IDLE_TIMEOUT = 33        # the connection was idle too long (closing)
     INTERNAL = 34            # a bug in certd; the message says what

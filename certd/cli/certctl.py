@@ -16,8 +16,8 @@ from certd import exitcodes
 from certd.cli.common import CliError, report_error
 
 #: Subcommand modules, in the order --help lists them.
-COMMANDS = ("build", "show", "verify", "install", "rollback", "lock", "fetch", "status",
-            "demo")
+COMMANDS = ("build", "show", "verify", "install", "rollback", "lock", "fw-update", "kds",
+            "fetch", "status", "demo")
 
 DESCRIPTION = """\
 certctl manages the SEV-SNP certificate blob that certd serves to VMMs and that a stock
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"certd.cli.cmd_{name}").register(sub)
+        importlib.import_module(f"certd.cli.cmd_{name.replace('-', '')}").register(sub)
     return parser
 
 

@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             logs.configure(setup.config.log.level, setup.config.log.format)
             ctx = daemon.Context(trust=setup.trust,
                                  on_ready=lambda: devmode.print_banner(setup))
-            return daemon.run(setup.config, str(setup.config_path), ctx)
+            try:
+                return daemon.run(setup.config, str(setup.config_path), ctx)
+            finally:
+                setup.kds.stop()
         finally:
             if not args.dev_dir:
                 shutil.rmtree(directory, ignore_errors=True)

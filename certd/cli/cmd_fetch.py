@@ -25,7 +25,8 @@ from certd.client import (DEFAULT_SOCKET, DEFAULT_TIMEOUT, Client, ClientError,
 RET_EXIT = {wire.RET_OK: exitcodes.OK, wire.ENOSPC: exitcodes.NOSPACE,
             wire.EAGAIN: exitcodes.BUSY, wire.EIO: exitcodes.UNAVAILABLE}
 #: Refusals that mean "retry later" rather than "you may not".
-_BUSY_REFUSALS = {ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_LEASES, ErrorCode.TOO_MANY_REQUESTS}
+_BUSY_REFUSALS = {ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_LEASES, ErrorCode.TOO_MANY_REQUESTS,
+                  ErrorCode.TOO_MANY_CONNECTIONS}
 
 
 def cli_error(err: ClientError, socket_path: str) -> CliError:

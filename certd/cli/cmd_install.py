@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from certd.cli import certinfo
 from certd import exitcodes
@@ -16,9 +16,16 @@ HELP = "validate a certificate blob and install it atomically at the blob path"
 DESCRIPTION = """\
 Validate NEW and make it the blob at --blob, the way every reader expects:
 take the update gate and the blob's exclusive OFD lock (waiting at most --timeout),
-validate, write a temp file in the same directory, fsync, lock it, rename it over the
-blob, fsync the directory. The replaced blob is kept as BLOB.prev ('certctl rollback').
-A crash at any point leaves the old or the new blob, whole.
+write the update journal (.BLOB.journal), validate, write a temp file in the same
+directory, fsync, lock it, rename it over the blob, fsync the directory, remove the
+journal. The replaced blob is kept as BLOB.prev ('certctl rollback'). A crash at any
+point leaves the old or the new blob, whole, and the journal: the next updater (or certd)
+then re-checks the blob before it is served.
+
+If NEW is refused, the current blob is checked too, under the same lock: if it no longer
+fits the platform it is replaced by the empty table (never wrong, only empty), and the
+JSON says "blob_outcome": "emptied". A journal left by an updater that died is settled
+the same way before NEW is installed.
 
 Checks (certd.policy): the GHCB table format and the 16 KiB guest limit, the roles, the
 chain to a pinned AMD root, product agreement, dates (at --at, default now), revocation by
@@ -26,7 +33,9 @@ the blob's CRL, and the match with the platform: product, reported TCB, chip id,
 key (--platform FILE, else /dev/sev). --force skips only the platform match, never the
 format or chain checks.
 
-Run inside 'certctl lock --exclusive -- ...' it reuses that lock instead of waiting for it.
+Run inside 'certctl lock --exclusive -- ...' it reuses that lock instead of waiting for
+it, and hands the lock on the new blob to 'certctl lock', so readers stay out until the
+whole hook is done. A stale $CERTD_LOCK_HELD (a job that outlived its hook) is ignored.
 """
 
 
@@ -87,11 +96,13 @@ def _platform(args: argparse.Namespace):
                        exitcodes.UNAVAILABLE) from None
 
 
-def make_validator(args: argparse.Namespace) -> tuple[Callable[[bytes], Sequence[Problem]], str]:
+def make_validator(args: argparse.Namespace) -> tuple[blobstore.Validator, str]:
     """The validator for install/rollback, and a word describing it.
 
-    ``certd.policy.check_blob`` against the pinned AMD roots, the platform (unless --force)
-    and the time --at; the format check runs first and alone decides for non-tables.
+    Exactly ``certd.policy.check_blob`` with the pinned AMD roots, the platform (unless
+    --force) and the time --at. The platform is read at every call: the check that
+    settles the blob after a change step sees the platform as it is then. It is read
+    once here too, so that an unreadable platform is reported before anything is locked.
     """
     from certd import policy
     from certd.amd import roots
@@ -101,10 +112,7 @@ def make_validator(args: argparse.Namespace) -> tuple[Callable[[bytes], Sequence
     trust = roots.pinned()
 
     def validate(blob: bytes) -> list[Problem]:
-        problems = blobstore.format_problems(blob)
-        if problems:
-            return problems
-        return list(policy.check_blob(blob, trust=trust, platform=platform, at=at))
+        return policy.check_blob(blob, trust=trust, platform=_platform(args), at=at)
 
     return validate, "policy" if platform is not None else "policy (platform match skipped)"
 
@@ -113,7 +121,8 @@ def store_error(e: Exception) -> CliError:
     """Map a store/lock failure to the CLI error and exit code."""
     if isinstance(e, blobstore.InvalidBlob):
         return CliError(str(e), exitcodes.DATAERR,
-                        problems=[p.as_dict() for p in e.problems])
+                        problems=[p.as_dict() for p in e.problems],
+                        blob_outcome=None if e.result is None else e.result.outcome)
     if isinstance(e, locks.LockBusy):
         return CliError(str(e), exitcodes.BUSY, waited_s=round(e.waited, 6), busy=e.what)
     if isinstance(e, blobstore.NothingToRollBack):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
+import shlex
 import sys
 import time
 
 from certd import exitcodes
 from certd.cli.common import CliError, add_json_flag, emit
-from certd.store import locks
+from certd.store import journal, locks, nested
 
 HELP = "run a command while holding the blob's shared or exclusive lock"
 DESCRIPTION = """\
@@ -22,8 +20,14 @@ readers cannot starve it).
 
 Firmware-update hooks wrap their work in 'certctl lock --exclusive': no reader gets the
 old certificates while the endorsement key changes. A 'certctl install' run by CMD reuses
-the held lock (passed down in $CERTD_LOCK_HELD) and installs the matching blob before the
-lock is released. --exclusive on a blob that does not exist yet holds the gate only.
+the held lock (over a channel named in $CERTD_LOCK_HELD) and installs the matching blob;
+the new blob stays locked until CMD exits, so readers see it only once the whole hook is
+done. --exclusive on a blob that does not exist yet holds the gate only.
+
+--exclusive writes the update journal (.BLOB.journal beside the blob) before CMD runs and
+leaves it when CMD is done: certctl lock does not check certificates, so the next
+'certctl install'/'rollback' or certd checks the blob against the platform as it is then
+(and replaces it by the empty table if it no longer fits) before it is served again.
 
 SIGTERM, SIGINT, SIGHUP and SIGQUIT received by certctl are forwarded to CMD.
 With --json, one JSON object describing the lock and CMD's exit is printed on stdout after
@@ -33,12 +37,12 @@ EPILOG = """\
 exit codes:
   CMD's exit status, or 128+N if CMD was killed by signal N
    66  --shared on a blob that does not exist
-   74  the lock could not be taken (directory missing, permissions)
+   74  the lock could not be taken, or (--exclusive) the journal not written
+       (directory missing, read-only, permissions)
    75  busy: the lock was not obtained within --timeout (CMD was not run)
   126  CMD could not be executed
   127  CMD was not found
 """
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,43 +87,26 @@ def run(args: argparse.Namespace) -> int:
     lk = locks.BlobLock(args.blob)
     t0 = time.monotonic()
     hold = _acquire(args, lk)
+    blob_existed = hold.stat is not None or not hold.exclusive
+    journal_path = None
     try:
         waited = time.monotonic() - t0
-        # Pass the held descriptors down so a nested 'certctl install' can adopt the lock.
-        gate_fd = hold.gate_fd if hold.exclusive else lk._reader_gate()
-        env = dict(os.environ)
-        fds: tuple[int, ...] = ()
-        if gate_fd is not None:
-            env[locks.HELD_ENV] = locks.held_env(mode, gate_fd, hold.fd, lk.path)
-            fds = tuple(d for d in (gate_fd, hold.fd) if d is not None)
+        if hold.exclusive:
+            try:
+                journal.write(lk.path, f"certctl lock --exclusive -- {shlex.join(cmd)}")
+            except OSError as e:
+                raise CliError(f"cannot write the update journal beside {lk.path}: "
+                               f"{e.strerror} ({e.filename}); CMD was not run",
+                               exitcodes.IOERR) from None
+            journal_path = journal.journal_path(lk.path)
         try:
-            proc = subprocess.Popen(cmd, env=env, pass_fds=fds)
+            rc = nested.run_command(hold, cmd)
         except FileNotFoundError:
             raise CliError(f"command not found: {cmd[0]}", 127) from None
         except PermissionError:
             raise CliError(f"command cannot be executed: {cmd[0]}", 126) from None
         except OSError as e:
             raise CliError(f"cannot run {cmd[0]}: {e.strerror}", 126) from None
-        previous = {}
-
-        def forward(signum: int, _frame: object) -> None:
-            try:
-                proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-        for sig in FORWARDED:
-            previous[sig] = signal.signal(sig, forward)
-        try:
-            while True:
-                try:
-                    rc = proc.wait()
-                    break
-                except KeyboardInterrupt:  # pragma: no cover - handler replaced above
-                    continue
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
         held = time.monotonic() - t0 - waited
     finally:
         hold.release()
@@ -130,5 +117,5 @@ def run(args: argparse.Namespace) -> int:
         emit(args, {"ok": code == 0, "blob": lk.path, "lock": mode, "command": cmd,
                     "exit_code": code, "signal": -rc if rc < 0 else None,
                     "waited_s": round(waited, 6), "held_s": round(held, 6),
-                    "blob_existed": hold.stat is not None or not hold.exclusive}, "")
+                    "blob_existed": blob_existed, "journal": journal_path}, "")
     return code

@@ -13,7 +13,8 @@ HELP = "put the previous blob (BLOB.prev) back in place"
 DESCRIPTION = """\
 Swap BLOB.prev back in with the same locks and crash-safe steps as 'certctl install';
 the blob it replaces becomes the new BLOB.prev, so a second rollback undoes the first.
-The previous blob is checked like a new one (format always; policy when available).
+The previous blob is checked like a new one (certd.policy, as for install), and the
+blob is settled the same way if it is refused.
 """
 EPILOG = """\
 exit codes:

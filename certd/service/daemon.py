@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,28 +17,22 @@ from typing import Callable, Sequence
 
 import structlog
 
-from certd import __version__, config as configmod, platform as platformmod, policy
+from certd import __version__, config as configmod, exitcodes, faults, platform as platformmod
 from certd.abi import table
 from certd.amd import roots
-from certd import exitcodes
 from certd.amd.roots import TrustStore
-from certd.platform import Platform
-from certd.service import access, sdnotify
+from certd.platform import Platform, PlatformSource
+from certd.service import access, httpd, metrics, rotation, sdnotify, unixsock
 from certd.service.watcher import BlobWatcher
-from certd.service.profiles import Profile, ProfileSet
+from certd.service.profiles import HoldPolicy, Judge, Profile, ProfileSet
 from certd.service.server import CertServer, Limits
-from certd.verify.problems import Problem
+from certd.store import blobstore
 
 log = structlog.get_logger("certd.daemon")
 
 
-class StartupError(Exception):
-    """certd cannot start; the message says why and what to do. ``code`` is the exit code:
-    CONFIG (78) where restarting cannot help, UNAVAILABLE (69) where it may."""
-
-    def __init__(self, message: str, code: int = exitcodes.CONFIG):
-        super().__init__(message)
-        self.code = code
+#: certd cannot start; the message says why and what to do, ``code`` the exit code.
+StartupError = rotation.SetupError
 
 
 @dataclass
@@ -52,35 +45,8 @@ class Context:
     on_ready: Callable[[], None] | None = None
 
 
-def load_platform(cfg: configmod.Config) -> Platform | None:
-    src, path = cfg.platform.source, cfg.platform.file
-    if src == "file" or (src == "auto" and path is not None):
-        if path is None:
-            raise StartupError("[platform] source = \"file\" needs platform.file")
-        return platformmod.load(path)
-    if src == "sev" or (src == "auto" and os.path.exists("/dev/sev")):
-        return platformmod.read_dev_sev()
-    return None
-
-
-def make_validator(trust: TrustStore, platform: Platform | None,
-                   ) -> Callable[[bytes], Sequence[Problem]]:
-    def validate(blob: bytes) -> list[Problem]:
-        p = platform
-        if p is not None:
-            # A profile may serve a VLEK blob while the host's default is VCEK (or the
-            # reverse): compare against the platform with the leaf's own key type.
-            try:
-                vlek = table.decode(blob).get(table.Role.VLEK) is not None
-            except table.TableError:
-                vlek = p.vlek
-            if vlek != p.vlek:
-                p = p.replace(signing_key="vlek" if vlek else "vcek")
-        return policy.check_blob(blob, trust=trust, platform=p)
-    return validate
-
-
 def _log_profile(profile: Profile) -> None:
+    metrics.blob_changed(profile)
     if profile.problems:
         log.error("blob not served", profile=profile.name, blob=profile.blob_path,
                   why="; ".join(map(str, profile.problems)),
@@ -94,19 +60,31 @@ def _log_profile(profile: Profile) -> None:
                  npages=table.npages(len(profile.served)))
 
 
-def build_profiles(cfg: configmod.Config, validate, old: ProfileSet | None = None) -> ProfileSet:
+def build_profiles(cfg: configmod.Config, judge: Judge, old: ProfileSet | None = None
+                   ) -> ProfileSet:
+    """The profiles of ``cfg``, judged by ``judge``. Profiles of ``old`` with the same blob
+    path are kept (their holds and generation carry on); the others are closed."""
     reuse = {p.blob_path: p for p in old} if old else {}
+    holds = hold_policy_of(cfg)
 
     def make(name: str, path: Path, patterns: tuple[str, ...]) -> Profile:
-        p = reuse.get(str(path))
+        p = reuse.pop(str(path), None)
         if p is None:
-            p = Profile(name, str(path), on_change=_log_profile)
-        p.name, p.patterns = name, patterns
-        p.use_validator(validate)
+            p = Profile(name, str(path), judge, on_change=_log_profile)
+        p.name, p.patterns, p.holds = name, patterns, holds
+        p.use(judge)
         return p
 
     default = make("default", cfg.store.blob, ())
-    return ProfileSet(default, tuple(make(p.name, p.blob, p.vms) for p in cfg.profiles))
+    profiles = ProfileSet(default, tuple(make(p.name, p.blob, p.vms) for p in cfg.profiles))
+    for dropped in reuse.values():
+        dropped.close()
+    return profiles
+
+
+def hold_policy_of(cfg: configmod.Config) -> HoldPolicy:
+    s = cfg.server
+    return HoldPolicy(max_age=s.hold_max_age_ms / 1000, gap=s.hold_gap_ms / 1000)
 
 
 def limits_of(cfg: configmod.Config) -> Limits:
@@ -126,36 +104,11 @@ def allow_of(cfg: configmod.Config) -> access.AllowList:
 
 def bind_socket(cfg: configmod.Config) -> socket.socket:
     """Bind the configured path, refusing to steal it from a live certd."""
-    path = str(cfg.server.socket)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            raise StartupError(f"another process is serving {path}; stop it first",
-                               exitcodes.UNAVAILABLE)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # a stale socket left by a crash
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, cfg.server.socket_mode)
-        if cfg.server.socket_gid is not None:
-            os.chown(path, -1, cfg.server.socket_gid)
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        raise StartupError(f"cannot listen on {path}: {e.strerror}",
-                           exitcodes.UNAVAILABLE) from None
-    return sock
+        return unixsock.bind(str(cfg.server.socket), cfg.server.socket_mode,
+                             cfg.server.socket_gid)
+    except unixsock.BindError as e:
+        raise StartupError(str(e), e.code) from None
 
 
 class Daemon:
@@ -163,16 +116,28 @@ class Daemon:
         self.cfg = cfg
         self.config_path = config_path
         self.ctx = ctx
-        self.trust = ctx.trust or roots.pinned()
-        self.platform = ctx.platform if ctx.platform is not None else load_platform(cfg)
-        self.validate = make_validator(self.trust, self.platform)
-        self.profiles = build_profiles(cfg, self.validate)
+        self.setup = rotation.Setup.from_config(cfg, trust=ctx.trust,
+                                                platform=self._platform_source(cfg))
+        self.trust, self.platform, self.judge = self.setup.trust, self.setup.platform, \
+            self.setup.judge
+        self.profiles = build_profiles(cfg, self.judge)
+        self.rotator = rotation.Rotator(self.profiles.default, self.setup)
         lim = limits_of(cfg)
         self.server = CertServer(self.profiles, lim, allow_of(cfg),
                                  access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst))
         self.notifier = sdnotify.Notifier.from_environ()
         self.stop_event = asyncio.Event()
         self.activated = False
+
+    def _platform_source(self, cfg: configmod.Config,
+                         old: PlatformSource | None = None) -> PlatformSource:
+        if self.ctx.platform is not None:
+            return old or PlatformSource("fixed", fixed=self.ctx.platform)
+        new = rotation.platform_source(cfg)
+        if old is not None and (old.kind, old.path) == (new.kind, new.path):
+            old.observe(force=True)
+            return old
+        return new
 
     def listener(self) -> socket.socket:
         sock = sdnotify.unix_listener(sdnotify.listen_fds())
@@ -189,45 +154,97 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        if faults.active():
+            log.warning("test-only switches are set: this daemon is NOT safe to serve guests",
+                        switches=faults.active())
         for p in self.profiles:
-            p.refresh()
-            if p.served == table.EMPTY_TABLE and not p.problems:
+            self._ensure_blob(p)
+            if p.look() == "empty":
                 _log_profile(p)
         sock = self.listener()
         srv = await loop.create_unix_server(self.server.protocol, sock=sock)
+        self.http = httpd.HttpServer(metrics.routes(self.server, srv.is_serving))
+        try:
+            await self.http.start(self.cfg.metrics.address, self.cfg.metrics.socket_mode)
+        except unixsock.BindError as e:
+            raise StartupError(f"[metrics] listen: {e}", e.code) from None
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         watchdog = sdnotify.start_watchdog(self.notifier)
         self.watch()
+        poller = loop.create_task(self._poll_platform())
+        self.rotator.check("start")
+        plat = self.platform.current
         log.info("certd ready", version=__version__, socket=sock.getsockname(),
                  activated=self.activated, config=self.config_path,
-                 platform=None if self.platform is None else self.platform.product.value,
+                 platform=self.platform.describe(),
+                 product=None if plat is None else plat.product.value,
                  trust=repr(self.trust))
-        if self.platform is None:
-            log.warning("no platform identity: TCB and chip id checks are skipped",
-                        fix="set [platform] file, or run on a host with /dev/sev")
+        if plat is None:
+            log.error("platform identity unreadable: serving the empty table",
+                      error=self.platform.error)
         self.notifier.ready(self.status_line())
         if self.ctx.on_ready:
             self.ctx.on_ready()
         try:
             await self.stop_event.wait()
         finally:
+            poller.cancel()
             await self.shutdown(srv, watchdog)
         return 0
+
+    def _ensure_blob(self, p: Profile) -> None:
+        """A stock QEMU fails the guest's request when the blob file is missing: before
+        READY, a missing blob becomes the empty table (never wrong, sometimes empty)."""
+        try:
+            if p.store.ensure_exists():
+                log.info("no blob at start: wrote the empty table", profile=p.name,
+                         blob=p.blob_path, mode=oct(blobstore.DEFAULT_MODE))
+        except (blobstore.StoreError, OSError) as e:
+            log.error("cannot write the empty table where the blob belongs", profile=p.name,
+                      blob=p.blob_path, error=str(e),
+                      consequence="a VMM reading the file face fails its guests' requests")
+
+    async def _poll_platform(self) -> None:
+        """Look at the platform every platform.poll_s seconds (also on inotify, SIGHUP and
+        at every new hold): a change makes every profile decide again."""
+        while True:
+            await asyncio.sleep(self.cfg.platform.poll_s)
+            self.platform_changed("poll")
+            self.rotator.check("poll")
+
+    def platform_changed(self, why: str, force: bool = False) -> None:
+        if self.platform.observe(force):
+            plat = self.platform.current
+            log.warning("platform identity changed", why=why,
+                        reported_tcb=None if plat is None else str(plat.reported_tcb),
+                        signing_key=None if plat is None else plat.signing_key,
+                        error=self.platform.error)
+            self.blob_changed(None)
 
     def watch(self) -> None:
         if getattr(self, "watcher", None) is not None:
             self.watcher.close()
-        self.watcher = BlobWatcher([p.blob_path for p in self.profiles], self.blob_changed)
+        paths = [p.blob_path for p in self.profiles]
+        if self.platform.kind == "file":
+            paths.append(self.platform.path)
+        self.watcher = BlobWatcher(paths, self.file_changed)
+
+    def file_changed(self, path: str | None) -> None:
+        if path is None or path == self.platform.path:
+            self.platform_changed("platform file changed" if path else "inotify overflow")
+        self.blob_changed(path)
 
     def blob_changed(self, path: str | None, tries: int = 20) -> None:
-        """A blob was replaced: read and validate it now (logged by the profile), retrying
-        while the updater still holds the lock on the new file."""
+        """A blob was replaced (or the platform changed): decide now (logged by the
+        profile), retrying while the updater still holds the lock on the new file."""
         busy = False
         for p in self.profiles:
             if path is None or p.blob_path == path:
-                busy |= p.refresh() is False
+                busy |= p.look() == "busy"
+        if not busy:
+            self.rotator.check("blob or platform changed")
         if busy and tries:
             asyncio.get_running_loop().call_later(0.05, self.blob_changed, path, tries - 1)
         elif not busy:
@@ -247,21 +264,36 @@ class Daemon:
             return
         if cfg.server.socket != self.cfg.server.socket and not self.activated:
             log.warning("server.socket changed: takes effect at the next restart")
+        if cfg.metrics != self.cfg.metrics:
+            log.warning("[metrics] changed: takes effect at the next restart")
         try:
-            platform = self.ctx.platform if self.ctx.platform is not None else load_platform(cfg)
+            platform = self._platform_source(cfg, self.platform)
         except (StartupError, platformmod.PlatformError, OSError) as e:
-            log.error("reload refused: platform unreadable", error=str(e))
+            log.error("reload refused: platform source unusable", error=str(e))
             self.notifier.ready("reload refused; old configuration in force")
             return
-        self.cfg, self.platform = cfg, platform
-        self.validate = make_validator(self.trust, platform)
-        self.profiles = build_profiles(cfg, self.validate, self.profiles)
+        try:
+            setup = rotation.Setup.from_config(cfg, trust=self.ctx.trust, platform=platform)
+        except rotation.SetupError as e:
+            log.error("reload refused", error=str(e))
+            self.notifier.ready("reload refused; old configuration in force")
+            return
+        self.cfg, self.setup = cfg, setup
+        self.trust, self.platform, self.judge = setup.trust, setup.platform, setup.judge
+        self.profiles = build_profiles(cfg, self.judge, self.profiles)
+        self.rotator.close()
+        self.rotator = rotation.Rotator(self.profiles.default, setup)
+        self.rotator.check("reload")
+        for p in self.profiles:
+            self._ensure_blob(p)
+            p.look()
         srv = self.server
         srv.profiles, srv.allow = self.profiles, allow_of(cfg)
         srv.limits = limits_of(cfg)
         srv.leases.timeout = srv.limits.lease_timeout
         srv.rate = access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst)
         self.watch()
+        self.blob_changed(None)  # look at every blob now: a profile just added is decided
         log.info("configuration reloaded", config=self.config_path)
         self.notifier.ready("reloaded; " + self.status_line())
 
@@ -281,7 +313,9 @@ class Daemon:
         if watchdog is not None:
             watchdog.cancel()
         self.watcher.close()
+        self.rotator.close()
         self.profiles.close()
+        await self.http.close()
         log.info("certd stopped", leases_left=len(leases.live))
         self.notifier.close()
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from certd import config as configmod, devpki, platform as platformmod, policy
+from certd import config as configmod, devkds, devpki, platform as platformmod, policy
 from certd.abi.product import Product
 from certd.amd.roots import TrustStore
 from certd.store.blobstore import BlobStore
@@ -26,6 +27,7 @@ class DevSetup:
     config: configmod.Config
     trust: TrustStore
     psp: devpki.FakePsp
+    kds: devkds.DevKds
 
     @property
     def socket(self) -> Path:
@@ -34,6 +36,10 @@ class DevSetup:
     @property
     def blob(self) -> Path:
         return self.directory / "certs.blob"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.metrics.listen}/metrics"
 
     def banner(self) -> str:
         d, q = self.directory, lambda p: shlex.quote(str(p))
@@ -45,15 +51,21 @@ class DevSetup:
   generated AMD-like PKI ({p.product.value}), simulated platform, TCB {p.reported_tcb}
   socket   {self.socket}
   blob     {self.blob}   (a stock QEMU may read it: certs-filename=)
+  metrics  {self.metrics_url}   (also /healthz, /readyz)
   config   {self.config_path}
   roots    {d / 'dev-roots.pem'}   (development trust anchors, NOT AMD's)
   report   {d / 'report.bin'}   (signed by the simulated PSP)
+  kds      {self.kds.url}   (development KDS: mints VCEKs for any TCB)
 
 Try, from another shell:
   {certctl} fetch --socket {q(self.socket)} --vm dev-vm --npages 4 -o /tmp/certs-table.bin
   {certctl} status --socket {q(self.socket)}
   {certctl} show {q(self.blob)}
   {certctl} verify {q(self.blob)} --roots {q(d / 'dev-roots.pem')} --report {q(d / 'report.bin')}
+
+A firmware update that moves the reported TCB, with the matching VCEK installed before
+any guest sees the new key (the development KDS supplies it):
+  {certctl} fw-update --config {q(self.config_path)} -- {q(sys.executable)} -m certd.devfw {q(d / 'platform.toml')} --snp +1
 
 Ctrl-C stops certd.
 {'':-<77}"""
@@ -62,6 +74,7 @@ Ctrl-C stops certd.
 def prepare(directory: Path, product: Product = Product.MILAN) -> DevSetup:
     directory.mkdir(parents=True, exist_ok=True)
     pki = devpki.DevPki.generate(product, name="certd-dev")
+    kds = devkds.DevKds([pki]).start()
     psp = devpki.FakePsp(pki, devpki.make_platform(product))
     platform = psp.platform
     platform_path = directory / "platform.toml"
@@ -92,10 +105,30 @@ blob = "{directory / 'certs.blob'}"
 source = "file"
 file = "{platform_path}"
 
+[trust]
+roots = ["{directory / 'dev-roots.pem'}"]   # development trust anchors, NOT AMD's
+
+[kds]
+base_url = "{kds.url}"             # the development KDS, in this process
+cache_dir = "{directory / 'kds-cache'}"
+min_backoff_s = 0.5
+max_backoff_s = 5.0
+
 [log]
 level = "debug"
+
+[metrics]
+listen = "127.0.0.1:{_free_port()}"
 """)
-    return DevSetup(directory, config_path, configmod.load(config_path), pki.trust, psp)
+    return DevSetup(directory, config_path, configmod.load(config_path), pki.trust, psp, kds)
+
+
+def _free_port() -> int:
+    # Asked of the kernel now and bound again at start: another process could take it in
+    # between, which certd reports (exit 69) rather than serving elsewhere.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def print_banner(setup: DevSetup) -> None:

@@ -1,11 +1,10 @@
 """Leases: the shared OFD lock a VMM holds from reading the blob until the report is signed.
 
 All leases on the same blob inode share one open file description holding one shared
-lock (a :class:`SharedHold`), reference-counted. The lock is dropped the moment the last lease
-ends, so an updater waits at most for the longest live lease (bounded by the lease
-timeout). While an updater is waiting (it holds the gate, see :mod:`certd.store.locks`),
-no lease joins an existing hold: new requests wait for the updater and get EAGAIN at
-their deadline, so the hold drains and the updater gets in.
+lock (a :class:`SharedHold`), reference-counted. Whether a new lease may join a hold is
+decided in one place, :meth:`certd.service.profiles.Profile.lease_source`; this module
+only counts and times leases. An updater waits at most for the longest live lease
+(bounded by the lease timeout) plus a hold's maximum age.
 """
 
 from __future__ import annotations
@@ -20,23 +19,38 @@ from certd.store import locks
 
 @dataclass(eq=False)
 class SharedHold:
-    """One shared lock on one blob inode, the bytes read from it, and its lease count."""
+    """One shared lock on one blob inode, the bytes read from it and judged under it, and
+    its lease count. Made and retired by :class:`certd.service.profiles.Profile`, which
+    alone decides whether a new lease may join it."""
 
     lock: locks.Hold
     table: bytes
     generation: int
+    judge: object = None  # the Judge whose verdict allowed these bytes
+    epoch: int = 0  # the platform epoch of that verdict
+    opened: float = 0.0  # time.monotonic() when made
+    #: Called when the last lease ends (the profile keeps it a moment, or closes it).
+    on_idle: Callable[["SharedHold"], None] = lambda hold: hold.close()
     on_close: Callable[["SharedHold"], None] = lambda hold: None
     leases: int = 0
     closed: bool = False
+    idle_since: float = 0.0
+    idle_timer: object = None
+
+    def ref(self) -> None:
+        self.leases += 1
 
     def unref(self) -> None:
         self.leases -= 1
         if self.leases == 0:
-            self.close()
+            self.on_idle(self)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+                self.idle_timer = None
             self.lock.release()
             self.on_close(self)
 
@@ -70,7 +84,7 @@ class LeaseTable:
     def grant(self, vm_id: str, hold: SharedHold, owner: object,
               loop: asyncio.AbstractEventLoop) -> Lease:
         lease = Lease(next(self._ids), vm_id, hold, owner, loop.time() + self.timeout)
-        hold.leases += 1
+        hold.ref()
         self.live[lease.id] = lease
         if self._timer is None:
             self._timer = loop.call_at(lease.deadline, self._sweep, loop)

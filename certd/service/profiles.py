@@ -1,131 +1,329 @@
-"""Which blob a VM gets, and the shared hold on it that leases hang on.
+"""Which blob a VM gets, and the one place that decides whether it may be served now.
 
 A profile is one blob file served to the VMs whose ids match its patterns (for example a
-VLEK blob for some VMs, the host VCEK blob for the rest). Each profile keeps the bytes of
-the inode it last read, so requests are served from memory; the file is read (and
-validated) again only when a new hold finds another inode, size or mtime. While a hold
-is open the inode cannot change: an updater needs the exclusive lock to replace it.
+VLEK blob for some VMs, the host VCEK blob for the rest). Leases hang on a
+:class:`~certd.service.leases.SharedHold`: one shared OFD lock on one blob inode plus the
+bytes read and judged under it.
 
-Never wrong, sometimes empty: a missing blob is an unconfigured host (empty table), and
-an unusable blob (malformed, or failing the policy) is served as the empty table too;
-the bytes of an earlier inode are never served.
+:meth:`Profile.lease_source` is the single decision point: every new lease, whether its
+GET was answered at once or waited for an updater, asks it, and it joins the current hold
+only if all of these still hold *now*:
+
+* no updater holds the gate (so the hold drains and the updater gets in);
+* the hold was judged by the current :class:`Judge` under the current platform epoch (a
+  reload, a firmware update, a TCB change or a VLEK load seen since makes it stale);
+* the inode it locked is still the file at the path, with the same size, mtime and
+  ctime (a file replaced, deleted or rewritten in place behind certd's back);
+* it is younger than ``max_age``: past that, new leases wait for it to drain and the
+  profile leaves a short gap before locking again, so an updater that knows only the
+  kernel's scheme (a blocking exclusive OFD lock, no gate) gets in under any load.
+
+Otherwise the hold is retired (no lease joins it again; it closes when its last lease
+ends) and a new one is made: platform observed again, the blob locked, read (bounded) and
+judged. Never wrong, sometimes empty: a missing blob is an unconfigured host and an
+unusable one (malformed, unreadable, failing the policy) is served as the empty table;
+bytes judged under another identity are never served.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import fnmatch
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+import structlog
+
+from certd import faults, policy
 from certd.abi import table
+from certd.amd.roots import TrustStore
+from certd.platform import PlatformSource
 from certd.service.leases import SharedHold
-from certd.store import locks
+from certd.store import blobstore, locks
 from certd.verify.problems import Problem
 
-Validator = Callable[[bytes], Sequence[Problem]]
+log = structlog.get_logger("certd.profiles")
 
-#: try_hold() answers: a hold to lease from, BUSY (an updater is at work: wait or EAGAIN),
-#: or EMPTY (nothing to lock: serve the empty table).
+#: lease_source() answers besides a hold: BUSY (an updater is at work, or a hold is
+#: draining: wait, then EAGAIN at the deadline) or EMPTY (serve the empty table).
 BUSY = "busy"
 EMPTY = "empty"
 
+#: OS errors that pass by themselves (answer EAGAIN, try again) rather than mean the blob
+#: cannot be used (serve the empty table and say why).
+_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN,
+                        errno.ENOBUFS})
 
-def format_only(blob: bytes) -> list[Problem]:
-    try:
-        table.decode(blob)
-    except table.TableError as e:
-        return [Problem("format", str(e))]
-    return []
+
+@dataclass(eq=False)
+class Judge:
+    """What may be served: exactly :func:`certd.policy.check_blob` (as ``certctl verify``
+    runs it) against the trust anchors and the platform as observed now."""
+
+    trust: TrustStore
+    platform: PlatformSource | None  # None: no identity (TCB and chip checks skipped)
+
+    @property
+    def epoch(self) -> int:
+        return 0 if self.platform is None else self.platform.epoch
+
+    def observe(self, force: bool = False) -> bool:
+        """Look at the platform again; True if it changed."""
+        return self.platform is not None and self.platform.observe(force)
+
+    def problems(self, blob: bytes) -> list[Problem]:
+        """Every reason ``blob`` must not be served on the platform as it is now (observed
+        at call time: an updater's validator sees the firmware its change just moved)."""
+        self.observe()
+        if self.platform is not None and self.platform.current is None:
+            return [Problem("platform", f"platform identity unreadable "
+                                        f"({self.platform.error}); nothing can be checked")]
+        plat = None if self.platform is None else self.platform.current
+        return policy.check_blob(blob, trust=self.trust, platform=plat)
+
+
+@dataclass
+class HoldPolicy:
+    """How long one shared hold may take new leases, and the gap left after draining it."""
+
+    max_age: float = 0.100
+    gap: float = 0.002
+    #: A hold with no lease is kept this long for the next request, then closed.
+    idle: float = 0.005
 
 
 @dataclass(eq=False)
 class Profile:
     name: str
     blob_path: str
+    judge: Judge
     patterns: tuple[str, ...] = ()
-    validate: Validator = format_only
     #: Called when what this profile serves changes (new generation or new problems).
     on_change: Callable[["Profile"], None] = lambda profile: None
+    holds: HoldPolicy = field(default_factory=HoldPolicy)
     generation: int = 0
     problems: Sequence[Problem] = ()
     current: SharedHold | None = None
-    _key: tuple[int, int, int, int] | None = None
-    _table: bytes = table.EMPTY_TABLE
-    _lock: locks.BlobLock = field(init=False)
+    #: "serving", "empty" (no blob), "invalid" (blob refused), "stale" (the platform or
+    #: judge changed since the bytes were judged; the next look decides again).
+    state: str = "empty"
+    #: True once a look at the path reached a verdict (serve, empty or invalid); an update
+    #: holding the lock at every look so far leaves it False (/readyz waits for it).
+    decided: bool = False
+    store: blobstore.BlobStore = field(init=False)
+    _served: bytes = table.EMPTY_TABLE
+    _judged: tuple[object, int, bytes] | None = None  # (judge, epoch, bytes) of the verdict
+    _draining: SharedHold | None = None  # retired by age: wait for it, then the gap
+    _gap_until: float = 0.0
+    _settling: bool = False
 
     def __post_init__(self) -> None:
-        self._lock = locks.BlobLock(self.blob_path)
+        self.store = blobstore.BlobStore(self.blob_path, self.judge.problems)
 
-    def use_validator(self, validate: Validator) -> None:
-        """Judge blobs with ``validate`` from now on (a reload may bring a new platform):
-        the verdict on the bytes in memory is forgotten, so the next new hold re-reads and
-        re-validates the file."""
-        self.validate = validate
-        self._key = None
+    @property
+    def lock(self) -> locks.BlobLock:
+        return self.store.lock
+
+    @property
+    def served(self) -> bytes:
+        """The bytes the last decision allowed (the empty table when none)."""
+        return self._served
+
+    def use(self, judge: Judge) -> None:
+        """Judge with ``judge`` from now on (a reload): no lease joins a hold judged before."""
+        self.judge = judge
+        self.store.validate = judge.problems
+        if self.state == "serving":
+            self.state = "stale"
 
     def matches(self, vm_id: str) -> bool:
         return any(fnmatch.fnmatchcase(vm_id, p) for p in self.patterns)
 
-    @property
-    def served(self) -> bytes:
-        return self._table
+    # -- the decision ----------------------------------------------------------------
 
-    def try_hold(self) -> SharedHold | str:
-        """Without waiting: the hold to lease from, BUSY, or EMPTY."""
-        if self._lock.updater_waiting():
-            return BUSY  # join no hold: let the current one drain so the updater gets in
+    def lease_source(self) -> SharedHold | str:
+        """Without waiting: the hold a new lease may join now, BUSY, or EMPTY."""
+        if self.lock.updater_waiting():
+            self._retire(self.current)
+            return BUSY  # join no hold: let it drain so the updater gets in
+        now = time.monotonic()
         hold = self.current
         if hold is not None:
-            return hold
+            why = self._unfit(hold, now)
+            if why is None:
+                return hold
+            self._retire(hold, by_age=why == "age")
+        if self._draining is not None or now < self._gap_until:
+            return BUSY
+        return self._new_hold(now)
+
+    def _unfit(self, hold: SharedHold, now: float) -> str | None:
+        """Why ``hold`` may take no new lease now, or None if it may."""
+        if (hold.judge is not self.judge or hold.epoch != self.judge.epoch) \
+                and not faults.unsafe("hold-epoch"):
+            return "judged under another platform or configuration"
+        if now - hold.opened > self.holds.max_age and not faults.unsafe("hold-age"):
+            return "age"
+        if faults.unsafe("inode-check"):
+            return None
         try:
-            lock = self._lock.acquire_shared_sync(None)
+            at = os.stat(self.blob_path)
+        except OSError:
+            return "the blob is gone from its path"
+        st = hold.lock.stat
+        if (at.st_ino, at.st_dev) != (st.st_ino, st.st_dev):
+            return "another file is at the path"
+        if (at.st_size, at.st_mtime_ns, at.st_ctime_ns) != (st.st_size, st.st_mtime_ns,
+                                                           st.st_ctime_ns) \
+                and not faults.unsafe("content-check"):
+            return "the file was changed in place"
+        return None
+
+    def _retire(self, hold: SharedHold | None, by_age: bool = False) -> None:
+        if hold is None:
+            return
+        if self.current is hold:
+            self.current = None
+        if by_age:
+            self._draining = hold  # when it closes, the gap begins (see _closed)
+        if hold.leases == 0:
+            hold.close()
+
+    def _new_hold(self, now: float) -> SharedHold | str:
+        pending = self.store.journal()
+        if pending is not None:
+            # An updater died between announcing a change and finishing it: the firmware
+            # may have moved. Look again before judging, and fix the file on disk.
+            self.judge.observe(force=True)
+            self._settle_later(f"an updater left {pending}")
+        else:
+            self.judge.observe()
+        try:
+            lock = self.lock.acquire_shared_sync(None)
         except locks.BlobMissing:
-            self._remember(None, table.EMPTY_TABLE, ())
+            self._decide(table.EMPTY_TABLE, (), "empty")
             return EMPTY
         except locks.LockBusy:
             return BUSY
-        if lock.key != self._key:
-            try:
-                blob = lock.read()
-            except OSError as e:
-                lock.release()
-                self._remember(None, table.EMPTY_TABLE, [Problem("io", f"cannot read: {e}")])
-                return EMPTY
-            problems = list(self.validate(blob)) if blob else []
-            self._remember(lock.key, blob if blob and not problems else table.EMPTY_TABLE,
-                           problems)
-        if self._table == table.EMPTY_TABLE:
+        except OSError as e:
+            return self._io_failure(e, "locking")
+        try:
+            blob = lock.read()
+        except OSError as e:
             lock.release()
+            return self._io_failure(e, "reading")
+        judge = self.judge
+        if self._judged is not None and self._judged == (judge, judge.epoch, blob):
+            problems = list(self.problems)
+        else:
+            problems = judge.problems(blob) if blob != table.EMPTY_TABLE else []
+            self._judged = (judge, judge.epoch, blob)
+        epoch = judge.epoch
+        if problems or blob == table.EMPTY_TABLE:
+            lock.release()
+            self._decide(table.EMPTY_TABLE, problems, "invalid" if problems else "empty")
             return EMPTY
-        self.current = SharedHold(lock, self._table, self.generation, self._forget)
+        self._decide(blob, (), "serving")
+        self.current = SharedHold(lock, blob, self.generation, judge=judge, epoch=epoch,
+                                  opened=now, on_idle=self._idle, on_close=self._closed)
         return self.current
 
-    def _forget(self, hold: SharedHold) -> None:
+    def _io_failure(self, e: OSError, doing: str) -> str:
+        transient = e.errno in _TRANSIENT
+        log.warning("cannot use the blob", profile=self.name, blob=self.blob_path,
+                    doing=doing, error=str(e),
+                    answer="EAGAIN (transient)" if transient else "the empty table")
+        if transient:
+            return BUSY
+        self._decide(table.EMPTY_TABLE, [Problem("io", f"{doing} {self.blob_path}: {e}")],
+                     "invalid")
+        return EMPTY
+
+    def _decide(self, served: bytes, problems: Sequence[Problem], state: str) -> None:
+        changed = served != self._served or list(problems) != list(self.problems)
+        if served != self._served:
+            self.generation += 1
+        self._served, self.problems, self.state = served, list(problems), state
+        if changed:
+            self.on_change(self)  # sees decided still False on the first verdict
+        self.decided = True
+
+    # -- hold life -------------------------------------------------------------------
+
+    def _idle(self, hold: SharedHold) -> None:
+        """The last lease of ``hold`` ended."""
+        if hold is not self.current:
+            hold.close()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            hold.close()
+            return
+        hold.idle_since = time.monotonic()
+        if hold.idle_timer is None:
+            hold.idle_timer = loop.call_later(self.holds.idle, self._idle_check, hold, loop)
+
+    def _idle_check(self, hold: SharedHold, loop: asyncio.AbstractEventLoop) -> None:
+        hold.idle_timer = None
+        if hold.closed or hold.leases:
+            return
+        left = hold.idle_since + self.holds.idle - time.monotonic()
+        if left > 0 and hold is self.current:
+            hold.idle_timer = loop.call_later(left, self._idle_check, hold, loop)
+            return
+        self._retire(hold)
+
+    def _closed(self, hold: SharedHold) -> None:
         if self.current is hold:
             self.current = None
+        if self._draining is hold:
+            self._draining = None
+            # Leave no shared lock for a moment: a blocked kernel-scheme updater wakes up
+            # and takes its exclusive lock before the next hold is made.
+            self._gap_until = time.monotonic() + self.holds.gap
 
-    def _remember(self, key, served: bytes, problems: Sequence[Problem]) -> None:
-        changed = served != self._table or list(problems) != list(self.problems)
-        self._key = key
-        if served != self._table:
-            self.generation += 1
-        self._table = served
-        self.problems = problems
-        if changed:
-            self.on_change(self)
+    # -- background repair -----------------------------------------------------------
 
-    def refresh(self) -> bool:
-        """Look at the file now (for status and logs) without keeping a hold; False if an
-        updater is still at work."""
-        got = self.try_hold()
-        if isinstance(got, SharedHold) and got.leases == 0:
-            got.close()
-        return got is not BUSY
+    def _settle_later(self, why: str) -> None:
+        """Make the file on disk fit the platform (or empty it) in a thread: it needs the
+        exclusive lock, which may take until our own holds drain."""
+        if self._settling:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._settling = True
+        log.warning("re-validating the blob on disk", profile=self.name, why=why)
+
+        def done(fut: asyncio.Future) -> None:
+            self._settling = False
+            exc = fut.exception()
+            if exc is not None:
+                log.error("could not settle the blob on disk", profile=self.name,
+                          error=str(exc), serving="what fits the platform now, or the "
+                          "empty table")
+            else:
+                log.info("blob on disk settled", profile=self.name, result=str(fut.result()))
+
+        loop.run_in_executor(None, lambda: self.store.settle(self.judge.problems)
+                             ).add_done_callback(done)
+
+    def look(self) -> str:
+        """Decide now, for status and logs: the profile's state, or "busy" while an
+        updater is at work (nothing is kept that the decision did not keep anyway)."""
+        got = self.lease_source()
+        return "busy" if got is BUSY else self.state
 
     def close(self) -> None:
-        if self.current is not None:
-            self.current.close()
-        self._lock.close()
+        for hold in (self.current, self._draining):
+            if hold is not None:
+                hold.close()
+        self.lock.close()
 
 
 @dataclass

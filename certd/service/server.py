@@ -21,16 +21,21 @@ import structlog
 
 from certd import __version__
 from certd.abi import table, wire
-from certd.service import access
+from certd.service import access, health, metrics
 from certd.service.leases import Lease, LeaseTable, SharedHold
 from certd.service.profiles import BUSY, EMPTY, Profile, ProfileSet
 
 log = structlog.get_logger("certd.server")
 
+#: One receive buffer for every connection: asyncio fills it and calls buffer_updated at
+#: once, whose decoder copies what it gets, so no connection needs a buffer of its own
+#: (an idle VM then costs a few KiB, not 64 KiB).
 _RECV_BUFFER = 65536
+_SHARED_RECV = memoryview(bytearray(_RECV_BUFFER))
 _RELEASED, _UNKNOWN, _EXPIRED = (int(r) for r in (wire.ReleaseResult.RELEASED,
                                                   wire.ReleaseResult.UNKNOWN,
                                                   wire.ReleaseResult.EXPIRED))
+_RELEASE_NAMES = {int(r): r.name.lower() for r in wire.ReleaseResult}
 
 
 @dataclass
@@ -101,8 +106,7 @@ class CertServer:
                 {"name": p.name, "blob": p.blob_path, "generation": p.generation,
                  "size": 0 if p.served == table.EMPTY_TABLE else len(p.served),
                  "npages": table.npages(len(p.served)),
-                 "state": "serving" if p.served != table.EMPTY_TABLE else
-                          ("invalid" if p.problems else "empty"),
+                 **health.status_fields(p),  # state, leaf_not_after, crl_next_update
                  "problems": [str(x) for x in p.problems],
                  "vms": list(p.patterns)}
                 for p in self.profiles],
@@ -115,15 +119,13 @@ class CertServer:
 
 
 class Connection(asyncio.BufferedProtocol):
-    __slots__ = ("server", "transport", "decoder", "buf", "view", "peer", "allowed", "leases",
+    __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases",
                  "expired_ids", "pending", "idle", "last_active", "log")
 
     def __init__(self, server: CertServer):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.decoder = wire.Decoder(wire.REQUESTS, max_frame=server.limits.max_frame)
-        self.buf = bytearray(_RECV_BUFFER)
-        self.view = memoryview(self.buf)
         self.peer: access.Peer | None = None
         self.allowed = False
         self.leases = 0
@@ -148,7 +150,7 @@ class Connection(asyncio.BufferedProtocol):
         self.log = log.bind(peer_pid=self.peer.pid if self.peer else None,
                             peer_uid=self.peer.uid if self.peer else None)
         if len(srv.connections) >= srv.limits.max_connections:
-            self._fail(0, wire.ErrorCode.TOO_MANY_REQUESTS,
+            self._fail(0, wire.ErrorCode.TOO_MANY_CONNECTIONS,
                        f"certd serves at most {srv.limits.max_connections} connections")
             return
         srv.connections.add(self)
@@ -157,12 +159,12 @@ class Connection(asyncio.BufferedProtocol):
                                                           self._idle_check)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.view
+        return _SHARED_RECV
 
     def buffer_updated(self, nbytes: int) -> None:
         self._touch()
         dec = self.decoder
-        dec.feed(self.view[:nbytes])
+        dec.feed(_SHARED_RECV[:nbytes])
         while True:
             try:
                 msg = dec.next()
@@ -179,12 +181,20 @@ class Connection(asyncio.BufferedProtocol):
             if not self.allowed:
                 self._refuse(msg.request_id)
                 return
-            if type(msg) is wire.Get:
-                self._get(msg)
-            elif type(msg) is wire.Release:
-                self._release(msg)
-            else:
-                self._send(wire.encode_status_reply(msg.request_id, self.server.status()))
+            try:
+                if type(msg) is wire.Get:
+                    self._get(msg)
+                elif type(msg) is wire.Release:
+                    self._release(msg)
+                else:
+                    self._send(wire.encode_status_reply(msg.request_id, self.server.status()))
+                    metrics.request("status", "ok", time.monotonic() - self.last_active)
+            except Exception as e:  # a bug: answer it and keep serving everyone else
+                self.log.exception("request failed", request_id=msg.request_id,
+                                   type=type(msg).__name__)
+                self._error(msg.request_id, wire.ErrorCode.INTERNAL,
+                            f"certd failed on this request ({type(e).__name__}: {e}); "
+                            "see its log")
             if self.transport is None:
                 return
 
@@ -239,15 +249,8 @@ class Connection(asyncio.BufferedProtocol):
             self._error(rid, wire.ErrorCode.RATE_LIMITED,
                         f"VM {msg.vm_id!r} exceeds {srv.rate.rate:g} requests/s", arg=wait_ms)
             return
-        if self.leases >= srv.limits.max_leases_per_connection:
-            self.log.info("request refused", vm=msg.vm_id, why="too many leases",
-                          limit=srv.limits.max_leases_per_connection)
-            self._error(rid, wire.ErrorCode.TOO_MANY_LEASES,
-                        f"{self.leases} leases are live on this connection; RELEASE some first",
-                        arg=srv.limits.max_leases_per_connection)
-            return
         profile = srv.profiles.for_vm(msg.vm_id)
-        got = profile.try_hold()
+        got = profile.lease_source()
         if got is BUSY:
             if len(self.pending) >= srv.limits.max_requests_in_flight:
                 self._error(rid, wire.ErrorCode.TOO_MANY_REQUESTS,
@@ -265,28 +268,32 @@ class Connection(asyncio.BufferedProtocol):
     async def _get_later(self, msg: wire.Get, profile: Profile, wait: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        started = self.last_active  # before the first await: the read time of this request
         delay = 0.0005
         try:
             while True:
                 await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
                 delay = min(delay * 2, 0.005)
-                got = profile.try_hold() if self.server.accepting else BUSY
+                got = profile.lease_source() if self.server.accepting else BUSY
                 if got is not BUSY:
                     break
                 if loop.time() >= deadline:
+                    metrics.lock_wait("get", time.monotonic() - started)
                     self._reply_eagain(msg.request_id, msg.vm_id,
-                                       "an update holds the certificate lock past the deadline")
+                                       "an update holds the certificate lock past the deadline",
+                                       started)
                     return
+            metrics.lock_wait("get", time.monotonic() - started)
             if self.transport is not None:
-                self._answer(msg, profile, got)
-            elif isinstance(got, SharedHold) and got.leases == 0:
-                got.close()
+                self._answer(msg, profile, got, started)
         finally:
             self.pending.pop(msg.request_id, None)
 
-    def _answer(self, msg: wire.Get, profile: Profile, got: SharedHold | str) -> None:
+    def _answer(self, msg: wire.Get, profile: Profile, got: SharedHold | str,
+                started: float = 0.0) -> None:
         srv = self.server
         rid = msg.request_id
+        took = time.monotonic() - (started or self.last_active)
         if got is EMPTY:
             srv.counters.empty += 1
             # Unconfigured or unusable: an empty table, as KVM itself writes. With no buffer
@@ -294,6 +301,7 @@ class Connection(asyncio.BufferedProtocol):
             empty = table.EMPTY_TABLE if msg.npages else b""
             self._send(wire.encode_get_reply(rid, wire.RET_OK, table.npages(len(empty)),
                                              profile.generation, 0, empty))
+            metrics.request("get", "empty", took)
             self.log.debug("served empty table", vm=msg.vm_id, npages=msg.npages,
                            generation=profile.generation)
             return
@@ -302,21 +310,30 @@ class Connection(asyncio.BufferedProtocol):
         need = table.npages(size)
         if msg.npages < need:
             srv.counters.enospc += 1
-            if hold.leases == 0:
-                hold.close()
             self._send(wire.encode_get_reply(rid, wire.ENOSPC, need, hold.generation))
+            metrics.request("get", "enospc", took)
             self.log.debug("answered ENOSPC", vm=msg.vm_id, npages=msg.npages, need=need)
+            return
+        if self.leases >= srv.limits.max_leases_per_connection:
+            # Here, after any wait: a GET that waited for an updater obeys the limit too.
+            self.log.info("request refused", vm=msg.vm_id, why="too many leases",
+                          limit=srv.limits.max_leases_per_connection)
+            self._error(rid, wire.ErrorCode.TOO_MANY_LEASES,
+                        f"{self.leases} leases are live on this connection; RELEASE some first",
+                        arg=srv.limits.max_leases_per_connection)
             return
         lease = srv.leases.grant(msg.vm_id, hold, self, asyncio.get_running_loop())
         self.leases += 1
         srv.counters.served += 1
         self._sendv(wire.pack_get_reply_ok(rid, need, hold.generation, lease.id, size),
                     hold.table)
+        metrics.request("get", "ok", took)
         self.log.debug("served", vm=msg.vm_id, npages=msg.npages, size=size,
                        generation=hold.generation, lease=lease.id)
 
-    def _reply_eagain(self, rid: int, vm_id: str, why: str) -> None:
+    def _reply_eagain(self, rid: int, vm_id: str, why: str, started: float = 0.0) -> None:
         self.server.counters.eagain += 1
+        metrics.request("get", "eagain", time.monotonic() - (started or self.last_active))
         self.log.debug("answered EAGAIN", vm=vm_id, why=why)
         if self.transport is not None:
             self._send(wire.encode_get_reply(rid, wire.EAGAIN, 0, 0))
@@ -333,6 +350,7 @@ class Connection(asyncio.BufferedProtocol):
         else:
             result = _UNKNOWN
         self._send(wire.pack_release_reply(msg.request_id, lid, result))
+        metrics.request("release", _RELEASE_NAMES[result], time.monotonic() - self.last_active)
 
     # -- refusals and errors
 
@@ -347,9 +365,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _error(self, rid: int, code: wire.ErrorCode, message: str, arg: int = 0) -> None:
         self._send(wire.encode_error(rid, code, message, arg=arg))
+        metrics.error(code, "get", time.monotonic() - self.last_active)  # only GETs get here
 
     def _fail(self, rid: int, code: wire.ErrorCode, message: str) -> None:
         self._send(wire.encode_error(rid, code, message, closing=True))
+        metrics.error(code)
         self.close()
 
     # -- plumbing

@@ -1,10 +1,16 @@
-"""The certificate blob on disk: read it under a shared lock, replace it atomically.
+"""The certificate blob on disk: read it under a shared lock, change it under the
+exclusive lock, and never leave it wrong for the platform.
 
-An install follows DESIGN §3 step by step; each step has a name (:data:`STEPS`) at which a
-test can kill the process (``CERTD_FAULT_AT=<step>`` or the ``fault`` callable):
+Every change is an :meth:`BlobStore.update` (``install`` and ``rollback`` are updates whose
+change is pure); each step has a name (:data:`STEPS`) at which a test can kill the process
+(``CERTD_FAULT_AT=<step>`` or the ``fault`` callable):
 
     gate exclusive, then the current blob exclusive, inode verified      -> "locked"
-    validate the new bytes (caller's validator; empty list = OK)         -> "validated"
+    (a journal a dead updater left: settle the blob first)
+    write the journal <dir>/.<name>.journal, atomically and fsynced
+    (not for install and rollback: their change cannot move the platform) -> "journaled"
+    run the change step (firmware update, hook, or just "here are new bytes")
+    validate the blob it returned (caller's validator; empty list = OK)  -> "validated"
     clean up temp files a crashed updater left (we hold the gate)        -> "recovered"
     write the new bytes to a temp file in the same directory             -> "temp_written"
     copy the old mode/owner to it, fsync it                              -> "temp_synced"
@@ -12,14 +18,20 @@ test can kill the process (``CERTD_FAULT_AT=<step>`` or the ``fault`` callable):
     rename finds it locked until we are done)                            -> "temp_locked"
     hard-link the old inode to <path>.prev (via a temp name + rename)    -> "prev_saved"
     rename the temp file over the path                                   -> "renamed"
-    fsync the directory                                                  -> "dir_synced"
-    release the old file, then the new one, then the gate                -> "released"
+    fsync the directory; unlock the old file, keep the new one locked    -> "dir_synced"
+    if nothing was installed: settle (the blob still fits the platform
+    as it is now, else the empty table replaces it)
+    remove the journal, release the new file, then the gate              -> "released"
 
 Every rename is atomic, so whatever the moment of a crash the path names a complete blob,
 the old one or the new one, and ``<path>.prev`` is absent, the blob before the old one, or
 the old one. A crash leaves at most temp files named ``.<name>.tmp.<pid>.<hex>`` /
-``.<name>.prevtmp.<pid>.<hex>``; :meth:`BlobStore.recover` (run by every install, under the
-gate) removes exactly those.
+``.<name>.prevtmp.<pid>.<hex>``, which :meth:`BlobStore.recover` (run by every install,
+under the gate) removes, and the journal, which the next updater (or the daemon) settles.
+
+The empty table (:data:`certd.abi.table.EMPTY_TABLE`) is always installable: it is never
+wrong, only empty. :func:`check` is the one place that says so; validators are never asked
+about it.
 """
 
 from __future__ import annotations
@@ -27,41 +39,45 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
-import secrets
 import signal
 import stat as stat_mod
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+from certd import faults
 from certd.abi import table
-from certd.store import locks
+from certd.store import journal, locks, nested
+from certd.store.journal import JournalInfo
 from certd.verify.problems import Problem
 
+#: ``validate(blob) -> problems``; [] means the blob may be served on this platform now.
+#: Validators read the platform when called, so that a check after a change step sees it.
 Validator = Callable[[bytes], Sequence[Problem]]
 
-STEPS = ("locked", "validated", "recovered", "temp_written", "temp_synced", "temp_locked",
-         "prev_saved", "renamed", "dir_synced", "released")
-#: Test-only: ``CERTD_FAULT_AT=<step>`` makes the installing process SIGKILL itself there.
-FAULT_ENV = "CERTD_FAULT_AT"
+STEPS = ("locked", "journaled", "validated", "recovered", "temp_written", "temp_synced",
+         "temp_locked", "prev_saved", "renamed", "dir_synced", "released")
+#: Test hook step of :meth:`BlobStore.ensure_exists`: the blob was found missing, the gate
+#: is not taken yet.
+ENSURE_CHECKED = "ensure_checked"
+#: Test-only: ``CERTD_FAULT_AT=<step>`` makes the updating process SIGKILL itself there.
+FAULT_ENV = faults.FAULT_AT_ENV
 DEFAULT_MODE = 0o644  # the blob holds public certificates; QEMU runs as another user
 DEFAULT_TIMEOUT = 2.0
 
 
-def format_problems(blob: bytes) -> list[Problem]:
-    """Format-only validator: a strict GHCB table a Linux guest can receive. No PKI checks."""
-    if not blob:
-        return [Problem("format", "empty file: not a certificate table "
-                                  "(an empty table is 24 zero bytes)")]
+def check(blob: bytes, validate: Validator) -> list[Problem]:
+    """Why ``blob`` must not be installed (or served) now; [] if it may.
+
+    The empty table always may: ``validate`` is not asked about it. A validator that
+    raises proves nothing, so its exception is a problem (never-wrong: not trusted)."""
+    if blob == table.EMPTY_TABLE:
+        return []
     try:
-        table.decode(blob)
-    except table.TableError as e:
-        return [Problem("format", f"not a valid certificate table: {e}")]
-    if len(blob) > table.GUEST_MAX_SIZE:
-        return [Problem("size", f"{len(blob)} bytes; Linux guests accept at most "
-                                f"{table.GUEST_MAX_SIZE} bytes")]
-    return []
+        return list(validate(blob))
+    except Exception as e:
+        return [Problem("validator", f"the check failed ({type(e).__name__}: {e}); "
+                                     "the blob is not trusted")]
 
 
 class StoreError(Exception):
@@ -69,9 +85,17 @@ class StoreError(Exception):
 
 
 class InvalidBlob(StoreError):
-    def __init__(self, problems: Sequence[Problem], what: str = "new blob"):
+    """The validator refused the blob. ``result`` says what the update did instead (the
+    current blob was kept, or replaced by the empty table because it no longer fits)."""
+
+    def __init__(self, problems: Sequence[Problem], what: str = "new blob",
+                 result: "UpdateResult | None" = None):
         self.problems = list(problems)
-        super().__init__(f"{what} refused: " + "; ".join(str(p) for p in self.problems))
+        self.result = result
+        msg = f"{what} refused: " + "; ".join(str(p) for p in self.problems)
+        if result is not None and result.outcome == "emptied":
+            msg += f"; {result.settled.summary()}"
+        super().__init__(msg)
 
 
 class StoreIOError(StoreError):
@@ -107,10 +131,12 @@ def _io_error(e: OSError, doing: str, path: str, file: str | None = None) -> Sto
 
 @dataclass
 class InstallResult:
+    """One replacement of the blob (by a new blob, the previous one, or the empty table)."""
+
     path: str
     sha256: str
     size: int
-    #: sha256 of the blob replaced, None on a first install.
+    #: sha256 of the blob replaced, None on a first install (or an unreadable old file).
     previous_sha256: str | None
     #: Where the replaced blob was kept (None on a first install).
     prev_path: str | None
@@ -120,9 +146,77 @@ class InstallResult:
     locked_ns: int
     released_ns: int
     removed_temps: list[str] = field(default_factory=list)
+    #: The settle of a journal a dead updater left, done first (see UpdateResult).
+    recovered: "SettleResult | None" = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class SettleResult:
+    """What :meth:`BlobStore.settle` found: the blob ``kept`` (it fits the platform now),
+    ``emptied`` (it did not: the empty table replaced it), or ``missing`` (no blob)."""
+
+    path: str
+    outcome: str
+    #: Why the blob was emptied ([] unless ``emptied``).
+    problems: list[Problem]
+    #: The journal a dead updater left, settled and cleared by this call (None: none).
+    journal: JournalInfo | None = None
+    #: The replacement by the empty table (``emptied`` only).
+    emptied: InstallResult | None = None
+    #: CLOCK_MONOTONIC ns of the exclusive section (0 inside an update: see UpdateResult).
+    locked_ns: int = 0
+    released_ns: int = 0
+
+    def summary(self) -> str:
+        """One sentence for messages."""
+        if self.outcome == "emptied":
+            return (f"the blob at {self.path} no longer fit ("
+                    + "; ".join(str(p) for p in self.problems)
+                    + "): it was replaced by the empty table")
+        if self.outcome == "missing":
+            return f"there is no blob at {self.path}"
+        return f"the blob at {self.path} still fits"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class UpdateResult:
+    """What :meth:`BlobStore.update` did: ``installed`` the change's blob, or, when it
+    installed nothing (none returned, refused, or the change failed), ``kept`` the blob
+    that still fits or ``emptied`` it."""
+
+    path: str
+    outcome: str = "kept"
+    installed: InstallResult | None = None
+    #: Why the change's blob was refused ([] if installed or none was returned).
+    refused: list[Problem] = field(default_factory=list)
+    #: The settle after a change that installed nothing (None after an install).
+    settled: SettleResult | None = None
+    #: The settle of a journal a dead updater left, before our change ran.
+    recovered: SettleResult | None = None
+    #: Our journal (None when the lock was adopted from an enclosing ``certctl lock``,
+    #: whose journal it is).
+    journal: JournalInfo | None = None
+    gate_wait_s: float = 0.0
+    lock_wait_s: float = 0.0
+    #: CLOCK_MONOTONIC ns: the exclusive section (gate and blob held) ...
+    locked_ns: int = 0
+    released_ns: int = 0
+    #: ... and the change step within it.
+    change_started_ns: int = 0
+    change_ended_ns: int = 0
+
+    @property
+    def change_s(self) -> float:
+        return (self.change_ended_ns - self.change_started_ns) / 1e9
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "change_s": self.change_s}
 
 
 def _sha(b: bytes) -> str:
@@ -137,23 +231,23 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class BlobStore:
-    """The blob at ``path``. ``validate(blob) -> list[Problem]`` gates every install
-    (default: :func:`format_problems`; certctl passes ``certd.policy``'s check).
+    """The blob at ``path``. ``validate(blob) -> list[Problem]`` decides what may be
+    installed and what may stay (certctl passes ``certd.policy.check_blob`` reading the
+    platform when called; the daemon passes its own, the same check).
 
     ``fault(step)`` is a test hook called at every step of :data:`STEPS`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], validate: Validator | None = None, *,
+    def __init__(self, path: str | os.PathLike[str], validate: Validator, *,
                  fault: Callable[[str], None] | None = None, mode: int = DEFAULT_MODE):
         self.path = os.path.abspath(os.fspath(path))
         self.dir, self.name = os.path.split(self.path)
         self.prev_path = self.path + ".prev"
-        self.validate: Validator = validate or format_problems
+        self.validate = validate
         self.mode = mode
         self.lock = locks.BlobLock(self.path)
         self._fault_hook = fault
-        self._temp_re = re.compile(
-            r"\A\." + re.escape(self.name) + r"\.(?:tmp|prevtmp)\.[0-9]+\.[0-9a-f]{16}\Z")
+        self._temp_re = journal.temp_pattern(self.name)
 
     # -- test hook
 
@@ -166,17 +260,21 @@ class BlobStore:
     # -- reading
 
     def read(self, timeout: float | None = DEFAULT_TIMEOUT) -> bytes | None:
-        """The current blob, read under a shared lock; None if there is none (unconfigured)."""
+        """The current blob, read under a shared lock; None if there is none (unconfigured).
+        Raises :class:`certd.store.locks.BlobUnusable` for a non-file or oversized file."""
         try:
             with self.lock.acquire_shared_sync(locks.deadline_in(timeout)) as hold:
                 return hold.read()
         except locks.BlobMissing:
             return None
 
-    # -- temp files
+    def journal(self) -> JournalInfo | None:
+        """The journal of an update not yet settled, or None. One ``open`` when there is
+        none. A journal whose writer still holds the gate is an update in progress; any
+        other is the trace of one that died: :meth:`settle` the blob."""
+        return journal.read(self.path)
 
-    def _temp_name(self, kind: str) -> str:
-        return os.path.join(self.dir, f".{self.name}.{kind}.{os.getpid()}.{secrets.token_hex(8)}")
+    # -- temp files
 
     def is_temp(self, name: str) -> bool:
         return bool(self._temp_re.match(name))
@@ -200,23 +298,17 @@ class BlobStore:
         """
         self._check_dir()
         try:
-            gate = os.open(self.lock.gate, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            hold = self.lock.acquire_gate_sync(locks.deadline_in(timeout))
+        except locks.LockBusy:
+            raise
         except OSError as e:
             if e.errno == errno.EROFS:
                 return []  # nothing can have been left on a read-only filesystem
             raise _io_error(e, "opening the update gate", self.path) from None
-        try:
-            backoff = locks._Backoff(locks.deadline_in(timeout))
-            while not locks.try_lock(gate, True):
-                delay = backoff.next()
-                if delay is None:
-                    raise locks.LockBusy(self.path, "gate", backoff.waited(), True)
-                time.sleep(delay)
+        with hold:
             return self._remove_temps()
-        finally:
-            os.close(gate)
 
-    # -- install / rollback
+    # -- locking
 
     def _check_dir(self) -> None:
         if not os.path.isdir(self.dir):
@@ -224,19 +316,19 @@ class BlobStore:
                                errno.ENOENT, self.dir)
 
     def _acquire(self, timeout: float | None) -> locks.Hold:
-        """Exclusive hold on gate + current blob; adopts a parent ``certctl lock``'s."""
+        """Exclusive hold on gate + current blob; adopts an enclosing ``certctl lock``'s."""
         self._check_dir()
         deadline = locks.deadline_in(timeout)
+        hold = None
         try:
-            hold = locks.inherited_hold(self.path)
-        except RuntimeError as e:
-            raise StoreError(str(e)) from None
-        try:
+            hold = nested.adopt(self.path, deadline)
             if hold is not None:
                 if hold.fd is None:
                     hold = self.lock.acquire_exclusive_sync(deadline, missing_ok=True, hold=hold)
                 return hold
             return self.lock.acquire_exclusive_sync(deadline, missing_ok=True)
+        except RuntimeError as e:
+            raise StoreError(str(e)) from None
         except locks.LockBusy:
             if hold is not None:
                 hold.release()
@@ -246,69 +338,203 @@ class BlobStore:
                 hold.release()
             raise _io_error(e, "locking the blob for update", self.path) from None
 
-    def install(self, blob: bytes, *, timeout: float | None = DEFAULT_TIMEOUT,
-                validate: Validator | None = None) -> InstallResult:
-        """Validate ``blob`` and make it the current blob atomically (see module doc).
+    # -- settling
 
-        Raises :class:`InvalidBlob` (validator said no), :class:`StoreIOError` (filesystem),
-        :class:`certd.store.locks.LockBusy` (lock not obtained within ``timeout``). In every
-        failure case the current blob is left as it was.
-        """
-        blob = bytes(blob)
-        return self.update(lambda current: blob, timeout=timeout, validate=validate)
-
-    def update(self, change: Callable[[bytes | None], bytes], *,
-               timeout: float | None = DEFAULT_TIMEOUT,
-               validate: Validator | None = None) -> InstallResult:
-        """A rotation: run ``change(current_blob_or_None)`` under the exclusive lock (this is
-        where a firmware update, SNP_COMMIT, SNP_SET_CONFIG or SNP_VLEK_LOAD belongs), then
-        validate and install the blob it returns before any reader gets in again.
-
-        ``validate`` is evaluated after ``change``, so it may read state that ``change``
-        updated (the new reported TCB). If ``change`` raises, nothing is installed.
-        """
+    def settle(self, validate: Validator | None = None, *,
+               timeout: float | None = DEFAULT_TIMEOUT) -> SettleResult:
+        """Under the exclusive lock: make sure the blob at the path fits now (``validate``,
+        default the store's), else replace it with the empty table; clear a leftover
+        journal. Raises LockBusy, StoreIOError (the journal then stays: still pending)."""
         hold = self._acquire(timeout)
         try:
-            blob = bytes(change(hold.read() if hold.fd is not None else None))
-            return self._replace(blob, hold, validate or self.validate, "new blob")
+            leftover = None if hold.adopted else journal.read(self.path)
+            res = self._settle(hold, validate or self.validate, leftover)
+            if not hold.adopted:
+                journal.remove(self.path)
         finally:
             hold.release()
+        res.locked_ns, res.released_ns = hold.acquired_ns, time.monotonic_ns()
+        return res
+
+    def _settle(self, hold: locks.Hold, validate: Validator,
+                leftover: JournalInfo | None) -> SettleResult:
+        if hold.fd is None:
+            return SettleResult(self.path, "missing", [], leftover)
+        try:
+            problems = check(hold.read(), validate)
+        except locks.BlobUnusable as e:
+            problems = [Problem("format", str(e))]
+        if not problems:
+            return SettleResult(self.path, "kept", [], leftover)
+        emptied = self._replace(table.EMPTY_TABLE, hold)
+        return SettleResult(self.path, "emptied", problems, leftover, emptied)
+
+    def ensure_exists(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> InstallResult | None:
+        """If there is no blob at the path, write the empty table there (atomically, mode
+        :attr:`mode`, default 0644), so that a stock QEMU finds a file. None if a blob
+        exists (also one an updater installed while we waited for the gate)."""
+        if os.path.lexists(self.path):
+            return None
+        self._fault(ENSURE_CHECKED)
+        hold = self._acquire(timeout)
+        try:
+            if hold.fd is not None and not faults.unsafe("ensure-recheck"):
+                return None  # someone installed a blob meanwhile: it is theirs
+            r = self._replace(table.EMPTY_TABLE, hold)
+        finally:
+            hold.release()
+        r.released_ns = time.monotonic_ns()
+        return r
+
+    # -- install / rollback / update
+
+    def install(self, blob: bytes, *, timeout: float | None = DEFAULT_TIMEOUT,
+                validate: Validator | None = None) -> InstallResult:
+        """Validate ``blob`` and make it the current blob atomically (an :meth:`update`
+        whose change returns ``blob``).
+
+        Raises :class:`InvalidBlob` (validator said no; ``.result`` says whether the
+        current blob was kept or emptied), :class:`StoreIOError` (filesystem),
+        :class:`certd.store.locks.LockBusy` (lock not obtained within ``timeout``).
+        """
+        blob = bytes(blob)
+        r = self._update(lambda current: blob, timeout, validate, None)
+        return self._installed(r, "new blob")
 
     def rollback(self, *, timeout: float | None = DEFAULT_TIMEOUT,
                  validate: Validator | None = None) -> InstallResult:
         """Make ``<path>.prev`` current again; the blob it replaces becomes the new ``.prev``.
 
-        Done exactly like an install of the previous bytes (same locks, temp file, renames),
-        so it is just as crash-safe.
+        An :meth:`update` whose change reads ``.prev``, so it is just as crash-safe and
+        settles the same way. Raises :class:`NothingToRollBack` if there is no ``.prev``.
         """
-        hold = self._acquire(timeout)
-        try:
+        what = f"previous blob {self.prev_path}"
+
+        def previous(_current: bytes | None) -> bytes:
             try:
-                with open(self.prev_path, "rb") as f:
-                    old = f.read()
+                fd = os.open(self.prev_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise NothingToRollBack(
                     f"no previous blob to roll back to ({self.prev_path} does not exist)") from None
             except OSError as e:
                 raise _io_error(e, "reading the previous blob", self.path) from None
-            return self._replace(old, hold, validate or self.validate, f"previous blob {self.prev_path}")
+            try:
+                return locks.read_blob(fd, self.prev_path)
+            except locks.BlobUnusable as e:
+                raise InvalidBlob([Problem("format", str(e))], what) from None
+            except OSError as e:
+                raise _io_error(e, "reading the previous blob", self.path) from None
+            finally:
+                os.close(fd)
+
+        r = self._update(previous, timeout, validate, None)
+        return self._installed(r, what)
+
+    @staticmethod
+    def _installed(r: UpdateResult, what: str) -> InstallResult:
+        if r.installed is None:
+            raise InvalidBlob(r.refused, what, r)
+        return r.installed
+
+    def update(self, change: Callable[[bytes | None], bytes | None], *,
+               timeout: float | None = DEFAULT_TIMEOUT, validate: Validator | None = None,
+               what: str = "update") -> UpdateResult:
+        """Run ``change(current_blob_or_None)`` under the exclusive lock (this is where a
+        firmware update, SNP_COMMIT, SNP_SET_CONFIG or SNP_VLEK_LOAD belongs) and leave a
+        blob that fits the platform as it is afterwards before any reader gets in again.
+
+        Before the change: a journal a dead updater left is settled, then our journal
+        (``what``) is written. After it, still under the lock: the blob ``change``
+        returned is installed if ``validate`` (default: the store's) accepts it;
+        otherwise (refused, None returned, or ``change`` raised) the current blob is
+        settled: kept if it still fits, else replaced by the empty table. Then the
+        journal is removed and the lock released. An exception from ``change`` propagates
+        after that (with a note saying what was settled).
+        """
+        return self._update(change, timeout, validate, what)
+
+    def _update(self, change: Callable[[bytes | None], bytes | None], timeout: float | None,
+                validate: Validator | None, what: str | None) -> UpdateResult:
+        """:meth:`update`; ``what`` None: a pure change (install, rollback) that cannot
+        move the platform, so it needs no journal (and skips its two fsyncs)."""
+        validate = validate or self.validate
+        hold = self._acquire(timeout)
+        res = UpdateResult(self.path, locked_ns=hold.acquired_ns, gate_wait_s=hold.gate_waited,
+                           lock_wait_s=hold.waited)
+        failure: BaseException | None = None
+        try:
+            self._fault("locked")
+            if not hold.adopted:  # else the enclosing 'certctl lock' owns the journal
+                leftover = journal.read(self.path)
+                if leftover is not None:  # we hold the gate: its writer is gone
+                    res.recovered = self._settle(hold, validate, leftover)
+                if what is not None:
+                    try:
+                        res.journal = journal.write(self.path, what)
+                    except OSError as e:
+                        raise _io_error(e, "writing the update journal", self.path) from None
+            self._fault("journaled")
+            if faults.fault("early-release") and not hold.adopted:
+                self._release_early(hold)
+            try:
+                current = self._current(hold)
+                res.change_started_ns = time.monotonic_ns()
+                try:
+                    blob = change(current)
+                finally:
+                    res.change_ended_ns = time.monotonic_ns()
+                if blob is not None:
+                    blob = bytes(blob)
+                    res.refused = check(blob, validate)
+                    if not res.refused:
+                        self._fault("validated")
+                        res.installed = self._replace(blob, hold)
+            except BaseException as e:
+                failure = e
+            if res.installed is None and not faults.unsafe("settle"):
+                res.settled = self._settle(hold, validate, None)
+            if not hold.adopted and (res.journal is not None or res.recovered is not None):
+                journal.remove(self.path)
         finally:
             hold.release()
+        res.released_ns = time.monotonic_ns()
+        self._fault("released")
+        if res.installed is not None:
+            res.outcome = "installed"
+            res.installed.released_ns = res.released_ns
+            res.installed.recovered = res.recovered
+        elif res.settled is not None and res.settled.outcome == "emptied":
+            res.outcome = "emptied"
+        if failure is not None:
+            if res.settled is not None:
+                failure.add_note(f"certd: after this failure, {res.settled.summary()}")
+            raise failure
+        return res
 
-    def _replace(self, blob: bytes, hold: locks.Hold, validate: Validator,
-                 what: str) -> InstallResult:
-        locked_ns = hold.acquired_ns
-        self._fault("locked")
-        problems = list(validate(blob))
-        if problems:
-            raise InvalidBlob(problems, what)
-        self._fault("validated")
+    def _current(self, hold: locks.Hold) -> bytes | None:
+        if hold.fd is None:
+            return None
+        try:
+            return hold.read()
+        except locks.BlobUnusable:
+            return None
+
+    @staticmethod
+    def _release_early(hold: locks.Hold) -> None:
+        """Test-only fault ``early-release``: drop the blob and gate locks now (the
+        descriptors stay open, so everything else runs as usual)."""
+        for fd in (hold.fd, hold.gate_fd):
+            if fd is not None:
+                locks.unlock(fd)
+
+    def _replace(self, blob: bytes, hold: locks.Hold) -> InstallResult:
+        """Put ``blob`` (already checked) at the path atomically. On return ``hold`` holds
+        the new inode, locked exclusive (the old one is unlocked and closed)."""
         removed = self._remove_temps()
         self._fault("recovered")
-
-        old_bytes = hold.read() if hold.fd is not None else None
+        old_bytes = self._current(hold)
         old_st = hold.stat
-        tmp = self._temp_name("tmp")
+        tmp = journal.temp_path(self.path, "tmp")
         step = "creating a temp file"
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -344,38 +570,42 @@ class BlobStore:
                         os.unlink(tmp)
                     except OSError:
                         pass
-            self._fault("renamed")
-            # After the rename the new blob is in place; a failing directory fsync is
-            # reported but cannot be undone (the rename is already visible).
-            try:
-                self._fsync_dir()
-            except OSError as e:
-                raise StoreIOError(f"blob {self.path} was replaced but syncing the directory "
-                                   f"failed: {e.strerror}", e.errno, self.dir) from None
-            self._fault("dir_synced")
-            # Release the old file first: readers that opened it see it unlinked and retry on
-            # the new path, where they wait for our lock on the new file.
-            if hold.fd is not None:
-                old_fd, hold.fd = hold.fd, None
-                try:
-                    if not hold.adopted_blob:
-                        locks.unlock(old_fd)
-                finally:
-                    os.close(old_fd)
-        finally:
+        except BaseException:
             try:
                 locks.unlock(fd)
             finally:
                 os.close(fd)
-        released_ns = time.monotonic_ns()
-        hold.release()  # the gate
-        self._fault("released")
+            raise
+        # Release the old file first: readers that opened it see it unlinked and retry on
+        # the new path, where they wait for our lock on the new file (released with hold).
+        self._swap(hold, fd)
+        self._fault("renamed")
+        # After the rename the new blob is in place; a failing directory fsync is
+        # reported but cannot be undone (the rename is already visible).
+        try:
+            self._fsync_dir()
+        except OSError as e:
+            raise StoreIOError(f"blob {self.path} was replaced but syncing the directory "
+                               f"failed: {e.strerror}", e.errno, self.dir) from None
+        self._fault("dir_synced")
         return InstallResult(
             path=self.path, sha256=_sha(blob), size=len(blob),
             previous_sha256=None if old_bytes is None else _sha(old_bytes),
-            prev_path=None if old_bytes is None else self.prev_path,
+            prev_path=None if old_st is None else self.prev_path,
             gate_wait_s=hold.gate_waited, lock_wait_s=hold.waited,
-            locked_ns=locked_ns, released_ns=released_ns, removed_temps=removed)
+            locked_ns=hold.acquired_ns, released_ns=0, removed_temps=removed)
+
+    @staticmethod
+    def _swap(hold: locks.Hold, new_fd: int) -> None:
+        """The hold lets go of the replaced inode and takes ``new_fd`` (locked) instead."""
+        old, hold.fd = hold.fd, None
+        if old is not None:
+            try:
+                if not hold.adopted_blob:
+                    locks.unlock(old)
+            finally:
+                os.close(old)
+        hold.fd, hold.adopted_blob, hold.stat = new_fd, False, os.fstat(new_fd)
 
     def _copy_owner(self, fd: int, old: os.stat_result | None) -> None:
         if old is None:
@@ -395,7 +625,7 @@ class BlobStore:
         """Make ``<path>.prev`` the inode we hold locked, atomically: hard-link it (or copy
         it) to a temp name, then rename that over ``.prev``. A crash leaves ``.prev`` old or
         new, never partial."""
-        tmp = self._temp_name("prevtmp")
+        tmp = journal.temp_path(self.path, "prevtmp")
         try:
             linked = False
             try:

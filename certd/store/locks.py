@@ -22,6 +22,10 @@ Facts this module is built on (docs/locking.md has the details and the measureme
   ``asyncio.sleep`` and so are cancellable at every step; nothing here blocks an event loop
   for longer than a few system calls.
 
+* Reading is bounded: the blob is opened with ``O_NONBLOCK`` (a FIFO at the path must not
+  block the opener) and :meth:`Hold.read` refuses anything that is not a regular file or is
+  larger than the protocol can carry (:data:`certd.abi.wire.MAX_TABLE`), without reading it.
+
 Deadlines are absolute ``time.monotonic()`` values (see :func:`deadline_in`). ``None`` means
 "try once, do not wait".
 """
@@ -35,7 +39,10 @@ import os
 import stat as stat_mod
 import struct
 import time
-from typing import Callable
+from typing import Callable, Protocol
+
+from certd import faults
+from certd.abi import wire
 
 #: ``struct flock`` on x86_64 (and every 64-bit Linux ABI): type, whence, start, len, pid, pad.
 FLOCK = struct.Struct("hhqqi4x")
@@ -57,10 +64,8 @@ _FAST_RETRIES = 3
 #: file at the gate path (someone may have deleted it by hand).
 _GATE_RECHECK_S = 1.0
 
-#: Environment variable ``certctl lock`` sets for its command, so that a nested
-#: ``certctl install`` reuses the lock it already holds instead of deadlocking on it.
-#: Value: ``<mode>:<gate fd>:<blob fd or ->:<absolute blob path>``.
-HELD_ENV = "CERTD_LOCK_HELD"
+#: Largest blob :meth:`Hold.read` accepts: the largest table a GET_REPLY can carry.
+MAX_BLOB = wire.MAX_TABLE
 
 
 class LockBusy(TimeoutError):
@@ -92,6 +97,60 @@ class BlobMissing(FileNotFoundError):
 
     def __init__(self, path: str):
         super().__init__(errno.ENOENT, "certificate blob does not exist (unconfigured)", path)
+
+
+class BlobUnusable(OSError):
+    """The file at the blob path cannot be a certificate table: not a regular file, or
+    larger than :data:`MAX_BLOB`. Detected without reading it."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(errno.EINVAL, why, path)
+        self.path = path
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"certificate blob {self.path} {self.why}"
+
+
+_KINDS = ((stat_mod.S_ISFIFO, "a FIFO"), (stat_mod.S_ISDIR, "a directory"),
+          (stat_mod.S_ISCHR, "a character device"), (stat_mod.S_ISBLK, "a block device"),
+          (stat_mod.S_ISSOCK, "a socket"), (stat_mod.S_ISLNK, "a symbolic link"))
+
+
+def _bounded() -> bool:
+    return not faults.unsafe("bounded-read")
+
+
+def _open_flags(base: int) -> int:
+    """Flags for opening the blob: O_NONBLOCK so that opening a FIFO never blocks (it has
+    no effect on regular files)."""
+    return base | os.O_CLOEXEC | (os.O_NONBLOCK if _bounded() else 0)
+
+
+def read_blob(fd: int, path: str) -> bytes:
+    """The whole file behind ``fd``, read with ``pread`` from offset 0, or
+    :class:`BlobUnusable` (checked with ``fstat`` first, so nothing big is ever read)."""
+    if _bounded():
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a file")
+            raise BlobUnusable(path, f"is {kind}, not a regular file")
+        if st.st_size > MAX_BLOB:
+            raise BlobUnusable(path, f"is {st.st_size} bytes; a certificate table is at most "
+                                     f"{MAX_BLOB}")
+        limit = MAX_BLOB + 1
+    else:
+        limit = None  # test-only: the unbounded read of old
+    parts, off = [], 0
+    while limit is None or off < limit:
+        chunk = os.pread(fd, 65536 if limit is None else limit - off, off)
+        if not chunk:
+            break
+        parts.append(chunk)
+        off += len(chunk)
+    if limit is not None and off >= limit:  # it grew after the fstat
+        raise BlobUnusable(path, f"grew past {MAX_BLOB} bytes while being read")
+    return b"".join(parts)
 
 
 # --- primitives ---------------------------------------------------------------------------
@@ -128,6 +187,19 @@ def gate_path(path: str) -> str:
     """The gate file of a blob: ``<dir>/.<name>.gate``, created on demand, never replaced."""
     d, name = os.path.split(os.path.abspath(path))
     return os.path.join(d, f".{name}.gate")
+
+
+def holds_exclusive(fd: int, path: str) -> bool:
+    """True if the open file description behind ``fd`` itself holds the exclusive lock on
+    the file at ``path``: a fresh description sees a write lock, and ``fd``'s own would
+    be granted an exclusive lock (so nobody else holds one)."""
+    probe = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if conflicting_lock(probe, False) != fcntl.F_WRLCK:
+            return False
+    finally:
+        os.close(probe)
+    return conflicting_lock(fd, True) == fcntl.F_UNLCK
 
 
 def same_file(fd: int, path: str) -> os.stat_result | None:
@@ -169,6 +241,14 @@ class _Backoff:
 
 # --- holds --------------------------------------------------------------------------------
 
+class Keeper(Protocol):
+    """Where a nested updater's hold hands its blob lock over (``certd.store.nested``)."""
+
+    def keep(self, fd: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class Hold:
     """A lock held on the blob at ``path``; release it with :meth:`release` (or ``with``).
 
@@ -181,7 +261,7 @@ class Hold:
     """
 
     __slots__ = ("path", "fd", "stat", "exclusive", "gate_fd", "adopted_gate", "adopted_blob",
-                 "acquired_ns", "waited", "gate_waited")
+                 "acquired_ns", "waited", "gate_waited", "keeper", "kept")
 
     def __init__(self, path: str, fd: int | None, st: os.stat_result | None, exclusive: bool,
                  gate_fd: int | None = None, waited: float = 0.0, gate_waited: float = 0.0):
@@ -200,6 +280,12 @@ class Hold:
         #: Seconds spent waiting in total, and for the gate alone (exclusive holds).
         self.waited = waited
         self.gate_waited = gate_waited
+        #: Adopted holds: the parent that takes over our blob lock at release, so that it
+        #: lasts until the enclosing ``certctl lock`` ends.
+        self.keeper: Keeper | None = None
+        #: Descriptors locked exclusively on earlier inodes of this path (handed over by
+        #: nested updaters): unlocked and closed at release.
+        self.kept: list[int] = []
 
     @property
     def ident(self) -> tuple[int, int] | None:
@@ -214,32 +300,39 @@ class Hold:
     def held(self) -> bool:
         return self.fd is not None or self.gate_fd is not None
 
+    @property
+    def adopted(self) -> bool:
+        """True if the lock belongs to an enclosing ``certctl lock`` (see nested.py)."""
+        return self.adopted_gate
+
     def read(self) -> bytes:
-        """The whole file, read with ``pread`` from offset 0 (the file position is untouched)."""
+        """The whole file (see :func:`read_blob`): :class:`BlobUnusable` if it is not a
+        regular file or is larger than :data:`MAX_BLOB`, without reading it."""
         if self.fd is None:
             raise BlobMissing(self.path)
-        size = self.stat.st_size if self.stat is not None else 0
-        data = os.pread(self.fd, size + 1, 0)
-        if len(data) <= size:  # short read of a regular file: that was all of it
-            return data
-        parts, off = [data], len(data)
-        while chunk := os.pread(self.fd, 65536, off):
-            parts.append(chunk)
-            off += len(chunk)
-        return b"".join(parts)
+        return read_blob(self.fd, self.path)
 
     def release(self) -> None:
-        """Unlock and close. Idempotent. Exclusive holds drop the blob first, then the gate."""
+        """Unlock and close. Idempotent. Exclusive holds drop the blob first, then the gate.
+
+        An adopted hold never unlocks the parent's locks, and hands a blob lock it took
+        itself (the inode a nested install put in place) to its keeper instead of
+        unlocking it."""
         fd, self.fd = self.fd, None
         gate, self.gate_fd = self.gate_fd, None
-        for d, adopted in ((fd, self.adopted_blob), (gate, self.adopted_gate)):
-            if d is None:
-                continue
-            try:
-                if not adopted:
-                    unlock(d)  # explicit: a forked child may still hold a dup of d
-            finally:
-                os.close(d)
+        kept, self.kept = self.kept, []
+        keeper, self.keeper = self.keeper, None
+        try:
+            if fd is not None:
+                handed = not self.adopted_blob and keeper is not None and keeper.keep(fd)
+                _drop(fd, unlock_it=not (self.adopted_blob or handed))
+            for d in kept:
+                _drop(d, unlock_it=True)
+            if gate is not None:
+                _drop(gate, unlock_it=not self.adopted_gate)
+        finally:
+            if keeper is not None:
+                keeper.close()
 
     def __enter__(self) -> "Hold":
         return self
@@ -257,6 +350,14 @@ class Hold:
     def __repr__(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
         return f"<Hold {kind} {self.path} ident={self.ident} fd={self.fd}>"
+
+
+def _drop(fd: int, unlock_it: bool) -> None:
+    try:
+        if unlock_it:
+            unlock(fd)  # explicit: a forked child may still hold a dup of fd
+    finally:
+        os.close(fd)
 
 
 # --- the lock of one blob path ----------------------------------------------------------
@@ -325,7 +426,7 @@ class BlobLock:
             return "gate"
         try:
             try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.path, _open_flags(os.O_RDONLY))
             except FileNotFoundError:
                 raise BlobMissing(self.path) from None
             try:
@@ -394,7 +495,7 @@ class BlobLock:
 
     def _attempt_blob_exclusive(self, missing_ok: bool) -> tuple[int | None, os.stat_result | None] | str:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self.path, _open_flags(os.O_RDWR))
         except FileNotFoundError:
             if missing_ok:
                 return (None, None)
@@ -418,30 +519,47 @@ class BlobLock:
         return (yield from self._retry_steps(lambda: self._attempt_blob_exclusive(missing_ok),
                                              backoff, True))
 
+    def _gate_steps(self, backoff: _Backoff):
+        """Generator: yields delays to sleep; returns the gate descriptor, locked exclusive."""
+        gate = self._open_gate_rw()
+        try:
+            return (yield from self._retry_steps(
+                lambda: gate if try_lock(gate, True) else "gate", backoff, True))
+        except BaseException:
+            os.close(gate)  # drops the gate lock too
+            raise
+
     def _exclusive_steps(self, deadline: float | None, missing_ok: bool, hold: Hold | None):
         """The exclusive acquisition as a generator of sleep requests, shared by the sync
         and async forms: yields a delay to sleep, returns the Hold. ``hold`` is an adopted
-        gate-only Hold (from :func:`inherited_hold`) to complete with the blob lock."""
+        gate-only Hold (from ``certd.store.nested.adopt``) to complete with the blob lock."""
         backoff = _Backoff(deadline)
         if hold is not None:
             fd, st = yield from self._blob_exclusive_steps(backoff, missing_ok)
             hold.fd, hold.stat, hold.adopted_blob = fd, st, False
             hold.waited, hold.acquired_ns = backoff.waited(), time.monotonic_ns()
             return hold
-        gate = self._open_gate_rw()
+        gate = yield from self._gate_steps(backoff)
         try:
-            while not try_lock(gate, True):
-                delay = backoff.next()
-                if delay is None:
-                    raise LockBusy(self.path, "gate", backoff.waited(), True)
-                yield delay
             gate_waited = backoff.waited()
             fd, st = yield from self._blob_exclusive_steps(backoff, missing_ok)
         except BaseException:
-            os.close(gate)  # drops the gate lock too
+            os.close(gate)
             raise
         return Hold(self.path, fd, st, True, gate_fd=gate, waited=backoff.waited(),
                     gate_waited=gate_waited)
+
+    def _gate_only_steps(self, deadline: float | None):
+        backoff = _Backoff(deadline)
+        gate = yield from self._gate_steps(backoff)
+        return Hold(self.path, None, None, True, gate_fd=gate, waited=backoff.waited(),
+                    gate_waited=backoff.waited())
+
+    def acquire_gate_sync(self, deadline: float | None) -> Hold:
+        """The update gate alone, exclusive (``fd`` None): stops other updaters and new
+        certd readers, but leaves the blob's own lock (and QEMU's readers) alone.
+        Raises :class:`LockBusy` at the deadline, OSError if the gate cannot be opened."""
+        return _sleep_sync(self._gate_only_steps(deadline))
 
     def acquire_exclusive_sync(self, deadline: float | None, missing_ok: bool = False,
                                hold: Hold | None = None) -> Hold:
@@ -509,67 +627,3 @@ def acquire_shared_sync(path: str | os.PathLike[str], deadline: float | None) ->
 def updater_waiting(path: str | os.PathLike[str]) -> bool:
     """True while an updater holds the gate of ``path`` exclusively."""
     return blob_lock(path).updater_waiting()
-
-
-# --- locks inherited from ``certctl lock`` ----------------------------------------------
-
-def held_env(mode: str, gate_fd: int, blob_fd: int | None, path: str) -> str:
-    return f"{mode}:{gate_fd}:{'-' if blob_fd is None else blob_fd}:{os.path.abspath(path)}"
-
-
-def inherited_hold(path: str, environ: Callable[[str], str | None] = os.environ.get) -> Hold | None:
-    """The exclusive lock a parent ``certctl lock --exclusive`` holds on ``path``, or None.
-
-    Returns an *adopted* Hold built from duplicates of the inherited descriptors: the gate
-    always, the blob only if it is still the file at ``path`` (an earlier nested install may
-    have replaced it; then ``fd`` is None and the caller completes the hold with
-    ``BlobLock.acquire_exclusive_sync(..., hold=h)``). Releasing it closes the duplicates
-    and leaves the parent's locks.
-    Raises RuntimeError if the parent holds only a shared lock on this path (an update
-    under it could never get the exclusive lock).
-    """
-    raw = environ(HELD_ENV)
-    if not raw:
-        return None
-    try:
-        mode, g, b, held_path = raw.split(":", 3)
-        gate_fd = int(g)
-        blob_fd = None if b == "-" else int(b)
-    except ValueError:
-        return None
-    if os.path.abspath(held_path) != os.path.abspath(path):
-        return None
-    try:
-        gst = os.fstat(gate_fd)
-        at = os.stat(gate_path(path))
-    except OSError:
-        return None
-    if (gst.st_dev, gst.st_ino) != (at.st_dev, at.st_ino) or not stat_mod.S_ISREG(gst.st_mode):
-        return None
-    if mode != "exclusive":
-        raise RuntimeError(
-            f"{path} is locked shared by an enclosing 'certctl lock --shared'; "
-            "an update needs 'certctl lock --exclusive'")
-    # Check the inherited gate really is locked exclusively: a fresh description sees the
-    # parent's lock as a conflict (our own description never conflicts with itself).
-    probe = os.open(gate_path(path), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if conflicting_lock(probe, False) != fcntl.F_WRLCK:
-            return None
-    finally:
-        os.close(probe)
-    gate_dup = os.dup(gate_fd)
-    fd, st = None, None
-    if blob_fd is not None:
-        try:
-            st = same_file(blob_fd, path)
-        except OSError:
-            st = None
-        if st is not None:
-            fd = os.dup(blob_fd)
-    os.set_inheritable(gate_dup, False)
-    if fd is not None:
-        os.set_inheritable(fd, False)
-    hold = Hold(os.path.abspath(path), fd, st, True, gate_fd=gate_dup)
-    hold.adopted_gate, hold.adopted_blob = True, fd is not None
-    return hold
