@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from certd import devpki, platform as platformmod, policy
+from certd import devfw, devkds, devpki, platform as platformmod, policy
+from certd.abi.product import Product
 from certd.abi import table, wire
 from certd.sim import guests, psp as pspmod, vmm
 from certd.sim.guests import Counters
@@ -20,7 +21,7 @@ from certd.store import blobstore, locks
 @pytest.fixture
 def sim(tmp_path):
     """A simulated platform on disk: PKI directory, platform file, installed blob."""
-    pspmod.create_pki(tmp_path / "pki")
+    devkds.open_pki_dir(tmp_path / "pki", [Product.MILAN])
     platformmod.save(devpki.make_platform(), tmp_path / "platform.toml")
     psp = pspmod.SharedPsp.open(tmp_path / "pki", tmp_path / "platform.toml")
     blob = tmp_path / "certs.blob"
@@ -33,6 +34,10 @@ import sys
 from certd.sim import psp
 sys.stdout.buffer.write(psp.SharedPsp.open(sys.argv[1], sys.argv[2]).sign(b"other process"))
 """
+
+
+def firmware(psp: pspmod.SharedPsp, tcb) -> None:
+    assert devfw.main([str(psp.platform_path), "--snp", str(tcb.snp)]) == 0
 
 
 def sign_elsewhere(psp: pspmod.SharedPsp) -> bytes:
@@ -49,13 +54,13 @@ def test_every_process_signs_with_the_key_of_the_current_tcb(sim):
     assert policy.check_report(old_blob, report, trust=psp.pki.trust) == []
 
     old_tcb = psp.platform.reported_tcb
-    pspmod.firmware_update(psp.platform_path, pspmod.next_tcb(old_tcb))
+    firmware(psp, pspmod.next_tcb(old_tcb))
     after = sign_elsewhere(psp)  # the key changed when the platform file did
     problems = policy.check_report(old_blob, after, trust=psp.pki.trust)
     assert {p.check for p in problems} >= {"signature", "tcb"}, problems
     assert policy.check_report(psp.valid_blob(psp.refresh()), after, trust=psp.pki.trust) == []
 
-    pspmod.firmware_update(psp.platform_path, old_tcb)  # back: the old key again
+    firmware(psp, old_tcb)  # back: the old key again
     assert policy.check_report(old_blob, sign_elsewhere(psp), trust=psp.pki.trust) == []
 
 
@@ -103,7 +108,7 @@ def test_svsm_guest_retries_busy_once_only(sim):
 def test_guest_tells_mismatch_from_empty_and_torn(sim):
     psp, blob = sim
     stale = blob.read_bytes()
-    pspmod.firmware_update(psp.platform_path, pspmod.next_tcb(psp.platform.reported_tcb))
+    firmware(psp, pspmod.next_tcb(psp.platform.reported_tcb))
     ok, c = attest("linux", [], psp, stale)
     assert ok and (c.attestations, c.mismatches, c.verified) == (1, 1, 0)
     assert "signature" in c.details[0]["problems"][0]

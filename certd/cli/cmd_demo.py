@@ -11,11 +11,13 @@ from certd.cli.common import CliError
 
 HELP = "run certd with simulated VMs and a firmware update, and check every report"
 DESCRIPTION = """\
-Runs a development certd (a generated AMD-like PKI and a simulated PSP, like 'certd --dev')
+Runs a development certd (a generated AMD-like PKI, a development KDS and a simulated PSP,
+like 'certd --dev')
 with simulated VMs of both guest kinds - Linux and COCONUT SVSM - some asking through
 certd's socket, some reading the blob file as a stock QEMU does. A firmware update changes
 the PSP's signing key during the run. Every guest checks every report against the
 certificates it received (signature, TCB, chip id, chain), as a relying party would.
+Updates run 'certctl fw-update -- python -m certd.devfw PLATFORM --snp N'.
 
   certctl demo                 4 VMs, one firmware update (about 10 s)
   certctl demo --chaos         200 VMs, 50 updates, 10 SIGKILLs of certd, 10 of updaters
@@ -53,14 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--updater-kills", type=int, metavar="N",
                    help="SIGKILLs of an updater at a random moment of its run (demo 0, chaos 10)")
     p.add_argument("--updater", metavar="STRATEGY", default=None,
-                   help="how updates are made: update (one process, BlobStore.update), "
-                        "update-empty-first (the same, the empty table installed before the "
-                        "firmware step), lock-install (certctl lock --exclusive around the "
-                        "firmware step and an install), fw-update (certctl fw-update); "
-                        "default update")
+                   help="how updates are made (certd.sim.chaos.UPDATERS): fw-update "
+                        "(certctl fw-update around the development firmware command; the "
+                        "default)")
     p.add_argument("--hold-ms", type=float, metavar="MS",
-                   help="how long updaters keep the lock between the firmware step and the "
-                        "install (fetching the new VCEK; default 50)")
+                   help="the firmware command runs this much longer after moving the TCB, "
+                        "lock held (default 0)")
     p.add_argument("--deadline-ms", type=int, metavar="MS",
                    help="certd's request deadline and the file readers' certs-timeout "
                         "(default 1000)")

@@ -9,6 +9,10 @@ thread runs the firmware updates one after another (some killed at a random mome
 another kills and restarts the daemon at random moments. Everything is bounded in time
 and every process is stopped by its pid at the end.
 
+The daemon is ``certd --config`` on the development trust (``[trust] roots``) with a
+development KDS process (``python -m certd.devkds``) as its ``[kds]``, like ``certd --dev``
+but with a PKI directory that every process shares.
+
 The updater is a strategy (:data:`UPDATERS`): a function from the run's paths and the new
 TCB to the argv of one update. :data:`DEFAULT_UPDATER` picks it.
 """
@@ -42,8 +46,9 @@ from certd.store import blobstore
 
 PY = sys.executable
 #: The updater strategy runs use (see :data:`UPDATERS`).
-DEFAULT_UPDATER = "update"
+DEFAULT_UPDATER = "fw-update"
 CERTCTL = str(Path(sys.executable).parent / "certctl")
+CERTD = str(Path(sys.executable).parent / "certd")
 
 
 @dataclass
@@ -70,9 +75,8 @@ class Params:
     time_scale: float = 0.25
     think_ms: tuple[float, float] = (300.0, 900.0)
     resume_delay_ms: float = 2.0
-    #: How long updaters keep the lock after the firmware step before installing (getting
-    #: the new VCEK: a cache hit or a KDS round trip).
-    hold_ms: float = 50.0
+    #: How much longer the firmware command runs after it moved the TCB, lock held.
+    hold_ms: float = 0.0
     updater: str = DEFAULT_UPDATER
     #: When killed updaters die: "random" (a random moment of their life) or
     #: "after-firmware" (once the firmware step is done, before the install).
@@ -97,43 +101,22 @@ class Paths:
     config: Path
 
 
-def _sim(sub: str, paths: Paths, tcb: Tcb, p: Params, *extra: str) -> list[str]:
-    return [PY, "-m", "certd.sim.updater", sub, "--platform", str(paths.platform),
-            "--pki", str(paths.pki), "--blob", str(paths.blob), "--tcb", str(tcb).replace(" ", ","),
-            "--hold-ms", str(p.hold_ms), "--timeout", str(p.updater_timeout), *extra]
-
-
-def update_in_one_process(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
-    """One process: lock, firmware step, build, install, release (BlobStore.update)."""
-    return _sim("update", paths, tcb, p)
-
-
-def lock_and_install(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
-    """The documented hook: ``certctl lock --exclusive -- sh -c 'FIRMWARE && INSTALL'``.
-    INSTALL is the simulator's install (it adopts the lock) because ``certctl install``
-    cannot take the development roots yet."""
-    fw = shlex.join(_sim("firmware", paths, tcb, p, "--quiet"))
-    inst = shlex.join(_sim("install", paths, tcb, p, "--quiet"))
-    return [CERTCTL, "lock", "--exclusive", "--blob", str(paths.blob), "--timeout",
-            str(p.updater_timeout), "--json", "--", "sh", "-c", f"{fw} && {inst}"]
+def firmware_command(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
+    """The firmware step (``python -m certd.devfw``), then ``hold_ms`` more under the lock."""
+    fw = [PY, "-m", "certd.devfw", str(paths.platform), "--snp", str(tcb.snp)]
+    if not p.hold_ms:
+        return fw
+    return ["sh", "-c", f'{shlex.join(fw)} && exec sleep {p.hold_ms / 1000:.3f}']
 
 
 def fw_update(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
-    """``certctl fw-update`` (being built by the lead) around the firmware step."""
+    """``certctl fw-update``: prefetch the VCEK, lock, firmware step, install, release."""
     return [CERTCTL, "fw-update", "--config", str(paths.config), "--expect-tcb",
-            str(tcb).replace(" ", ","), "--timeout", str(p.updater_timeout), "--json", "--",
-            *_sim("firmware", paths, tcb, p, "--quiet")]
-
-
-def update_empty_first(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
-    """As ``update``, with the empty table installed before the firmware step."""
-    return _sim("update", paths, tcb, p, "--empty-first")
+            str(tcb).replace(" ", ","), "--timeout", "5", "--lock-timeout",
+            str(p.updater_timeout), "--json", "--", *firmware_command(paths, tcb, p)]
 
 
 UPDATERS: dict[str, Callable[[Paths, Tcb, Params], list[str]]] = {
-    "update": update_in_one_process,
-    "update-empty-first": update_empty_first,
-    "lock-install": lock_and_install,
     "fw-update": fw_update,
 }
 
@@ -164,7 +147,11 @@ class Notify:
         self.sock.close()
 
 
-def config_text(paths: Paths, p: Params) -> str:
+def psp_roots(paths: Paths) -> Path:
+    return pspmod.roots_path(paths.pki)
+
+
+def config_text(paths: Paths, p: Params, kds_url: str) -> str:
     return f"""\
 # Written by the certd simulator (certd/sim/chaos.py).
 [server]
@@ -185,6 +172,15 @@ blob = "{paths.blob}"
 [platform]
 source = "file"
 file = "{paths.platform}"
+
+[trust]
+roots = ["{psp_roots(paths)}"]
+
+[kds]
+base_url = "{kds_url}"
+cache_dir = "{paths.dir / 'kds-cache'}"
+min_backoff_s = 0.2
+max_backoff_s = 2.0
 
 [log]
 level = "info"
@@ -213,8 +209,7 @@ class DaemonRunner:
         script = (f'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=certd; '
                   f'exec "$0" "$@" 3<&{self.fd} {self.fd}<&-')
         self.proc = subprocess.Popen(
-            ["/bin/bash", "-c", script, PY, "-m", "certd.sim.daemon", "--config",
-             str(self.paths.config), "--pki", str(self.paths.pki)],
+            ["/bin/bash", "-c", script, CERTD, "--config", str(self.paths.config)],
             pass_fds=(self.fd,), stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": self.notify.address})
         self.starts += 1
@@ -275,6 +270,10 @@ class UpdateRecord:
     total_ms: float = 0.0
     #: After a kill: did the firmware change while the old blob stayed (a stale blob)?
     stale: bool | None = None
+    #: Where fw-update got the certificate (cache, kds, ...; None: not reported).
+    source: str | None = None
+    #: The firmware command's own time within the exclusive section.
+    cmd_ms: float | None = None
 
 
 @dataclass
@@ -292,15 +291,48 @@ class RunResult:
     daemon_log_tail: list[str] = field(default_factory=list)
 
 
-def setup(directory: Path, product: Product, p: Params) -> Paths:
-    paths = Paths(directory, directory / "pki", directory / "platform.toml",
-                  directory / "certs.blob", directory / "certd.sock", directory / "certd.toml")
-    pspmod.create_pki(paths.pki, product)
+def start_kds(paths: Paths, product: Product, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """The development KDS process on 127.0.0.1 (it creates the PKI directory)."""
+    log = open(log_path, "ab")
+    try:
+        proc = subprocess.Popen([PY, "-m", "certd.devkds", "--port", "0", "--pki-dir",
+                                 str(paths.pki), "--product", product.value],
+                                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                text=True)
+    finally:
+        log.close()
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http://127.0.0.1:"):
+        _stop_pid(proc)
+        raise RuntimeError(f"the development KDS did not start (see {log_path})")
+    return proc, url
+
+
+def setup(directory: Path, product: Product, p: Params, kds_url: str) -> Paths:
+    """Platform file, installed blob and configuration, on the PKI the KDS created."""
+    paths = paths_in(directory)
     platformmod.save(devpki.make_platform(product), paths.platform)
     psp = pspmod.SharedPsp.open(paths.pki, paths.platform)
     blobstore.BlobStore(paths.blob, psp.validator()).install(psp.valid_blob())
-    paths.config.write_text(config_text(paths, p))
+    paths.config.write_text(config_text(paths, p, kds_url))
     return paths
+
+
+def paths_in(directory: Path) -> Paths:
+    return Paths(directory, directory / "pki", directory / "platform.toml",
+                 directory / "certs.blob", directory / "certd.sock", directory / "certd.toml")
+
+
+def _last_json(out: str) -> dict:
+    """The JSON object an updater printed last (its command's own output comes first)."""
+    lines = out.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("{"):
+            try:
+                return json.loads("\n".join(lines[i:]))
+            except ValueError:
+                continue
+    return {}
 
 
 def _wait_for_tcb(platform_path: Path, tcb: Tcb, proc: subprocess.Popen,
@@ -344,7 +376,12 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
     t_start = time.monotonic()
     directory = Path(p.directory) if p.directory else Path(tempfile.mkdtemp(prefix="certd-sim-"))
     directory.mkdir(parents=True, exist_ok=True)
-    paths = setup(directory, product, p)
+    kds, kds_url = start_kds(paths_in(directory), product, directory / "kds.log")
+    try:
+        paths = setup(directory, product, p, kds_url)
+    except BaseException:
+        _stop_pid(kds)
+        raise
     make_argv = UPDATERS[p.updater]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(paths.socket))
@@ -432,13 +469,12 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                 rec.exit_code = proc.returncode
                 rec.total_ms = (time.monotonic() - t0) * 1000
                 proc.stdout.close()
-                try:
-                    info = json.loads(out) if out.strip() else {}
-                except ValueError:
-                    info = {}
-                if "lock_wait_s" in info or "waited_s" in info:
-                    rec.lock_wait_ms = 1000 * info.get("lock_wait_s", info.get("waited_s"))
-                    rec.held_ms = 1000 * info["held_s"]
+                info = _last_json(out)
+                if "exclusive_s" in info:
+                    rec.lock_wait_ms = 1000 * info["lock_wait_s"]
+                    rec.held_ms = 1000 * info["exclusive_s"]
+                    rec.source = info.get("source")
+                    rec.cmd_ms = 1000 * info.get("cmd_s", 0.0)
                     if rec.exit_code == 0:  # the shortest life seen: kills land within it
                         typical_ms[0] = min(typical_ms[0], rec.total_ms)
                 result.updates.append(rec)
@@ -487,6 +523,10 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
             _stop_pid(proc, group=True)
         rc = daemon.stop()
         listener.close()
+        kds.terminate()
+        _stop_pid(kds)
+        if kds.stdout:
+            kds.stdout.close()
         result.daemon_kills = daemon.kills
         result.params["kill_times"] = daemon.kill_times
         result.daemon_restart_ms = [round(x, 1) for x in daemon.restart_ms]

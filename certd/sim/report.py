@@ -49,6 +49,8 @@ def as_json(r: RunResult) -> dict:
             "stale_after_kill": sum(bool(u.stale) for u in ups),
             "lock_wait_ms": _stats([u.lock_wait_ms for u in ups]),
             "exclusive_ms": _stats([u.held_ms for u in ups]),
+            "exclusive_without_cmd_ms": _stats([u.held_ms - u.cmd_ms for u in ups
+                                                if u.held_ms is not None and u.cmd_ms is not None]),
             "total_ms": _stats([u.total_ms for u in ups]),
             "records": [vars(u) for u in ups],
         },
@@ -81,7 +83,7 @@ def text(r: RunResult) -> str:
     def mark(n: int) -> str:
         return "ok" if n == 0 else "FAIL"
 
-    excl = u["exclusive_ms"]
+    excl, nocmd = u["exclusive_ms"], u["exclusive_without_cmd_ms"]
     wait = u["lock_wait_ms"]
     lines = [
         f"{'PASS' if j['ok'] else 'FAIL'}: {c.attestations} attestations by "
@@ -100,7 +102,9 @@ def text(r: RunResult) -> str:
         f"firmware updates: {u['completed']} of {u['run']} completed, {u['killed']} killed"
         + (f" ({u['stale_after_kill']} left a stale blob)" if u["killed"] else "")
         + (f"; lock wait p50 {wait['p50']} ms, max {wait['max']} ms" if wait else "")
-        + (f"; exclusive section p50 {excl['p50']} ms, max {excl['max']} ms" if excl else ""),
+        + (f"; exclusive section p50 {excl['p50']} ms, max {excl['max']} ms" if excl else "")
+        + (f" ({nocmd['p50']} / {nocmd['max']} ms without the firmware command)"
+           if nocmd else ""),
     ]
     if r.daemon_kills:
         rs = j["daemon"]["restart_ms"]
