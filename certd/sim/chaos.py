@@ -87,6 +87,8 @@ class Params:
     max_run: float = 540.0
     directory: str | None = None
     keep: bool = False
+    #: Extra environment for the daemon only (tests: CERTD_UNSAFE=... for certd alone).
+    daemon_env: dict = field(default_factory=dict)
 
 
 # --- the updater strategies --------------------------------------------------------------
@@ -192,8 +194,10 @@ class DaemonRunner:
     """Starts certd on the harness's listening socket (socket activation) and restarts it
     after a kill, as systemd's Restart=always would."""
 
-    def __init__(self, paths: Paths, listener: socket.socket, log_path: Path):
+    def __init__(self, paths: Paths, listener: socket.socket, log_path: Path,
+                 env: dict | None = None):
         self.paths = paths
+        self.env = env or {}
         # Not 3 (the child gets the socket as fd 3); bash redirects multi-digit fds.
         self.fd = fcntl.fcntl(listener.fileno(), fcntl.F_DUPFD_CLOEXEC, 10)
         self.log = open(log_path, "ab")
@@ -211,7 +215,7 @@ class DaemonRunner:
         self.proc = subprocess.Popen(
             ["/bin/bash", "-c", script, CERTD, "--config", str(self.paths.config)],
             pass_fds=(self.fd,), stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": self.notify.address})
+            stderr=subprocess.STDOUT, env={**os.environ, **self.env, "NOTIFY_SOCKET": self.notify.address})
         self.starts += 1
         return self.notify.wait_ready(self.proc, timeout)
 
@@ -387,7 +391,7 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
     listener.bind(str(paths.socket))
     paths.socket.chmod(0o600)
     listener.listen(4096)
-    daemon = DaemonRunner(paths, listener, directory / "certd.log")
+    daemon = DaemonRunner(paths, listener, directory / "certd.log", p.daemon_env)
     vmms: list[tuple[subprocess.Popen, dict]] = []
     updaters: list[subprocess.Popen] = []
     result = RunResult(Counters(), {}, {}, params=asdict(p), directory=str(directory))
