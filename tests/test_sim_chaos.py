@@ -33,11 +33,12 @@ def run(**kw) -> chaos.RunResult:
     return r
 
 
-def assert_ran(r: chaos.RunResult, updates: int) -> None:
+def assert_ran(r: chaos.RunResult, completed: int) -> None:
     """Preconditions: the run did what it claims, or its zeros would prove nothing."""
     assert r.aborted is None, r.aborted
     assert r.counters.errors == 0, r.counters.details
-    assert sum(u.exit_code == 0 for u in r.updates) >= updates - SHORT["updater_kills"]
+    assert len(r.updates) == SHORT["updates"], r.updates
+    assert sum(u.exit_code == 0 for u in r.updates) >= completed, r.updates
     assert set(r.by_kind) == {"linux", "svsm"} and set(r.by_face) == {"socket", "file"}
     for part in (*r.by_kind.values(), *r.by_face.values()):
         assert part["attestations"] > 0 and part["verified"] > 0, part
@@ -55,7 +56,7 @@ FILE_FACE_WINDOW = (
                    + FILE_FACE_WINDOW)
 def test_short_chaos_run_is_never_wrong():
     r = run(seed=None)
-    assert_ran(r, SHORT["updates"])
+    assert_ran(r, SHORT["updates"] - SHORT["updater_kills"])
     assert r.daemon_kills == 1
     assert sum(u.killed_after_ms is not None for u in r.updates) == 1
     c = r.counters
@@ -66,7 +67,7 @@ def test_short_chaos_run_is_never_wrong():
 def test_early_release_is_caught(monkeypatch):
     monkeypatch.setenv("CERTD_FAULT", "early-release")
     r = run(seed=None)
-    assert_ran(r, SHORT["updates"])
+    assert_ran(r, 1)  # an update whose lock is gone may also fail: the fault breaks it
     assert r.counters.mismatches > 0
     assert report.exit_code(r) == exitcodes.CHECK_FAILED
 
