@@ -310,6 +310,12 @@ class ServerConfig:
         _number(0, 1e6), "token bucket refill rate per VM id, requests per second"))
     rate_burst: int = field(default=100, metadata=_key(
         _int(1, 1 << 20), "token bucket size per VM id"))
+    max_connections_per_pid: int = field(default=64, metadata=_key(
+        _int(1, 1 << 20), "connections one client process may have open"))
+    max_leases_per_vm: int = field(default=4, metadata=_key(
+        _int(1, 65_536), "live leases one VM id may hold (a guest asks once per VMPL)"))
+    frame_timeout_s: float = field(default=3.0, metadata=_key(
+        _number(0.01, 3600), "a connection that started a frame must finish it this fast"))
     hold_max_age_ms: int = field(default=100, metadata=_key(
         _int(1, 60_000), "a shared hold takes new leases for at most this long, then drains "
         "so an updater that only takes the kernel's exclusive OFD lock gets in"))

@@ -26,10 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import structlog
+
+from certd import faults
 from structlog.typing import EventDict, WrappedLogger
 
 #: Log level name → syslog priority (sd-daemon(3): ``<N>`` prefixes).
@@ -144,7 +147,56 @@ def configure(level: str | int = "info", fmt: str = "auto", stream: TextIO | Non
         context_class=dict,
         cache_logger_on_first_use=cache,
     )
+    # Messages of the standard library's loggers (asyncio's "Fatal error ...", for one)
+    # go through the same renderer: one format in the journal, JSON included.
+    root = logging.getLogger()
+    root.handlers[:] = [StdlibToStructlog()]
+    root.setLevel(lvl)
     return kind
+
+
+class StdlibToStructlog(logging.Handler):
+    """A ``logging`` handler that re-emits each record through structlog."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log = structlog.get_logger(component=record.name)
+            name = record.levelname.lower()
+            method = getattr(log, name if name in PRIORITY else "info")
+            kw: dict[str, Any] = {}
+            if record.exc_info:
+                kw["exc_info"] = record.exc_info
+            method(record.getMessage(), **kw)
+        except Exception:  # never let logging take the caller down
+            self.handleError(record)
+
+
+class RateLimited:
+    """At most one line per ``interval`` seconds per key (a peer and a class of message,
+    say), so a client cannot turn certd's log into the attack: :meth:`allow` answers None
+    while a key is quiet, else how many lines were suppressed since its last line (log
+    that count with it). Bounded: at most ``max_keys`` keys are remembered."""
+
+    def __init__(self, interval: float = 1.0, max_keys: int = 4096,
+                 clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.max_keys = max_keys
+        self.clock = clock
+        self._last: dict[Any, list] = {}  # key -> [time of last line, suppressed since]
+
+    def allow(self, key: Any) -> int | None:
+        if faults.unsafe("log-limit"):
+            return 0
+        now = self.clock()
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return None
+        suppressed = entry[1] if entry is not None else 0
+        if entry is None and len(self._last) >= self.max_keys:
+            self._last.clear()  # a flood of keys: start over rather than grow
+        self._last[key] = [now, 0]
+        return suppressed
 
 
 def get_logger(name: str, **initial: Any) -> Any:

@@ -1,26 +1,16 @@
 /*
- * certd-client: reference client for the certd socket protocol (docs/protocol.md, v1).
+ * certd-client.c: the certd socket protocol (docs/protocol.md, v1) as a small C library.
+ * The interface and its use are in certd-client.h. libc only.
  *
- * It does what a VMM does on KVM_EXIT_SNP_REQ_CERTS:
- *   1. GET (vm id, guest buffer pages)  -> ret, npages, generation, lease id, table
- *   2. ret == 0: copy the table into the guest buffer (here: a zeroed buffer of npages
- *      pages, then written to a file), set kvm_run ret/npages, set immediate_exit,
- *      KVM_RUN ... -EINTR means the report is signed (here: --hold milliseconds)
- *   3. RELEASE (lease id) so certd drops its shared lock on the certificate blob.
- * and STATUS, which prints the daemon's JSON status document.
- *
- * Single file, libc only:  cc -O2 -Wall -Wextra -o certd-client certd-client.c
- *
- * Exit codes (same as `certctl fetch`): 0 ok, 2 usage, 3 ENOSPC (npages printed),
- * 75 EAGAIN or rate/lease limit, 77 refused by access control, 69 unavailable (or EIO),
- * 70 protocol error, 74 cannot write the output file.
+ * Integers are little-endian on the wire and read byte by byte (no struct casts, so
+ * alignment and host byte order never matter).
  */
 #define _GNU_SOURCE
+#include "certd-client.h"
+
 #include <errno.h>
-#include <getopt.h>
 #include <poll.h>
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,26 +19,14 @@
 #include <time.h>
 #include <unistd.h>
 
-/* ---- protocol constants (docs/protocol.md) ---------------------------------------- */
 #define MAGIC "CRTD"
 #define VERSION 1
-#define HEADER_SIZE 16
-#define MAX_FRAME 65536
-#define MAX_VM_ID 64
-#define PAGE_SIZE 4096
+#define HEADER_SIZE 16u
+#define MAX_ERROR_MESSAGE 1024u
 
 enum { T_GET = 0x01, T_RELEASE = 0x02, T_STATUS = 0x03,
        T_GET_REPLY = 0x81, T_RELEASE_REPLY = 0x82, T_STATUS_REPLY = 0x83, T_ERROR = 0xFF };
-enum { RET_OK = 0, RET_EIO = 5, RET_EAGAIN = 11, RET_ENOSPC = 28 };
-enum { E_ACCESS_DENIED = 16, E_RATE_LIMITED = 17, E_TOO_MANY_LEASES = 18,
-       E_TOO_MANY_REQUESTS = 19, E_SHUTTING_DOWN = 32, E_IDLE_TIMEOUT = 33, E_INTERNAL = 34 };
 
-enum { EX_OK_ = 0, EX_USAGE_ = 2, EX_NOSPACE = 3, EX_UNAVAIL = 69, EX_PROTO = 70,
-       EX_IOERR_ = 74, EX_BUSY = 75, EX_NOPERM_ = 77 };
-
-#define DEFAULT_SOCKET "/run/certd/certd.sock"
-
-/* ---- little-endian helpers: no struct casts, so alignment and host order never matter */
 static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
 static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
@@ -58,24 +36,13 @@ static uint32_t get32(const uint8_t *p) {
 }
 static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32; }
 
-struct frame {
-    uint8_t type;
-    uint32_t request_id;
-    uint32_t length;
-    uint8_t *payload; /* malloc'd, length bytes (+1 for a NUL so text payloads print) */
-};
-
-static const char *prog = "certd-client";
-static int timeout_ms = 5000;
-
-static void die_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void die_msg(const char *fmt, ...) {
+static int fail(certd_client *c, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(certd_client *c, int rc, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "%s: ", prog);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vsnprintf(c->message, sizeof c->message, fmt, ap);
     va_end(ap);
+    return rc;
 }
 
 static long long now_ms(void) {
@@ -84,170 +51,53 @@ static long long now_ms(void) {
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Returns 0, or an exit code after printing why. */
-static int connect_socket(const char *path, int *out) {
+int certd_connect(certd_client *c, const char *path, int timeout_ms) {
+    memset(c, 0, sizeof *c);
+    c->fd = -1;
+    c->timeout_ms = timeout_ms > 0 ? timeout_ms : 1000;
+    c->next_id = 1;
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    if (strlen(path) >= sizeof sa.sun_path) {
-        die_msg("socket path too long (%zu bytes, at most %zu): %s", strlen(path),
-                sizeof sa.sun_path - 1, path);
-        return EX_USAGE_;
-    }
-    strcpy(sa.sun_path, path);
+    size_t n = strlen(path);
+    if (n >= sizeof sa.sun_path || n >= sizeof c->path)
+        return fail(c, CERTD_E_USAGE, "socket path too long (%zu bytes, at most %zu): %s", n,
+                    sizeof sa.sun_path - 1, path);
+    memcpy(sa.sun_path, path, n + 1);
+    memcpy(c->path, path, n + 1);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        die_msg("socket: %s", strerror(errno));
-        return EX_UNAVAIL;
-    }
+    if (fd < 0)
+        return fail(c, CERTD_E_CONNECT, "socket: %s", strerror(errno));
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
         int e = errno;
         close(fd);
-        if (e == EACCES || e == EPERM) {
-            die_msg("permission denied connecting to %s (socket mode/group)", path);
-            return EX_NOPERM_;
-        }
+        if (e == EACCES || e == EPERM)
+            return fail(c, CERTD_E_ACCESS, "permission denied connecting to %s (socket mode/group)",
+                        path);
         if (e == ENOENT)
-            die_msg("no certd socket at %s (is certd running?)", path);
-        else
-            die_msg("cannot connect to %s: %s", path, strerror(e));
-        return EX_UNAVAIL;
+            return fail(c, CERTD_E_CONNECT, "no certd socket at %s (is certd running?)", path);
+        return fail(c, CERTD_E_CONNECT, "cannot connect to %s: %s", path, strerror(e));
     }
-    *out = fd;
-    return 0;
+    c->fd = fd;
+    return CERTD_OK;
 }
 
-static int write_all(int fd, const uint8_t *buf, size_t len) {
-    while (len) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            die_msg("send to certd failed: %s", strerror(errno));
-            return EX_UNAVAIL;
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
-    return 0;
+void certd_close(certd_client *c) {
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
 }
 
-/* Read exactly len bytes before the deadline. */
-static int read_exact(int fd, uint8_t *buf, size_t len, long long deadline) {
-    while (len) {
-        long long left = deadline - now_ms();
-        if (left <= 0) {
-            die_msg("no answer from certd within %d ms", timeout_ms);
-            return EX_UNAVAIL;
-        }
-        struct pollfd p = { .fd = fd, .events = POLLIN };
-        int r = poll(&p, 1, (int)left);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) {
-            die_msg("poll: %s", strerror(errno));
-            return EX_UNAVAIL;
-        }
-        if (r == 0) continue; /* deadline check above */
-        ssize_t n = recv(fd, buf, len, 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-            die_msg("connection to certd lost: %s", strerror(errno));
-            return EX_UNAVAIL;
-        }
-        if (n == 0) {
-            die_msg("certd closed the connection");
-            return EX_UNAVAIL;
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
-    return 0;
+int certd_reconnect(certd_client *c) {
+    char path[sizeof c->path];
+    int timeout = c->timeout_ms;
+    memcpy(path, c->path, sizeof path);
+    certd_close(c);
+    return certd_connect(c, path, timeout);
 }
 
-/* Read one frame and validate its header. Caller frees f->payload. */
-static int read_frame(int fd, struct frame *f, long long deadline) {
-    uint8_t h[HEADER_SIZE];
-    int rc = read_exact(fd, h, sizeof h, deadline);
-    if (rc) return rc;
-    if (memcmp(h, MAGIC, 4) != 0) {
-        die_msg("protocol error: bad magic %02x%02x%02x%02x (not a certd frame)",
-                h[0], h[1], h[2], h[3]);
-        return EX_PROTO;
-    }
-    f->type = h[5];
-    f->request_id = get32(h + 8);
-    f->length = get32(h + 12);
-    if (f->length > MAX_FRAME - HEADER_SIZE) {
-        die_msg("protocol error: frame of %u bytes exceeds %d", f->length + HEADER_SIZE, MAX_FRAME);
-        return EX_PROTO;
-    }
-    /* The payload is read even for a version/flags we reject, so the message is complete. */
-    f->payload = malloc(f->length + 1);
-    if (!f->payload) {
-        die_msg("out of memory");
-        return EX_PROTO;
-    }
-    rc = read_exact(fd, f->payload, f->length, deadline);
-    if (rc) {
-        free(f->payload);
-        f->payload = NULL;
-        return rc;
-    }
-    f->payload[f->length] = 0;
-    if (h[4] != VERSION || get16(h + 6) != 0) {
-        die_msg("protocol error: frame version %u flags %#x (this client speaks version %d)",
-                h[4], get16(h + 6), VERSION);
-        free(f->payload);
-        f->payload = NULL;
-        return EX_PROTO;
-    }
-    return 0;
-}
-
-/* An ERROR frame: print it and map its code to an exit code. */
-static int handle_error(const struct frame *f) {
-    if (f->length < 8 || f->length - 8 > 1024) {
-        die_msg("protocol error: malformed ERROR frame (%u bytes)", f->length);
-        return EX_PROTO;
-    }
-    uint16_t code = get16(f->payload);
-    uint32_t arg = get32(f->payload + 4);
-    int closing = f->payload[2] & 1;
-    die_msg("certd answered ERROR %u (arg %u%s): %.*s", code, arg, closing ? ", closing" : "",
-            (int)(f->length - 8), (const char *)f->payload + 8);
-    switch (code) {
-    case E_ACCESS_DENIED: return EX_NOPERM_;
-    case E_RATE_LIMITED: case E_TOO_MANY_LEASES: case E_TOO_MANY_REQUESTS: return EX_BUSY;
-    case E_SHUTTING_DOWN: case E_IDLE_TIMEOUT: case E_INTERNAL: return EX_UNAVAIL;
-    default: return EX_PROTO;
-    }
-}
-
-/* Send one request, then read frames until the answer to rid (or a connection-level
- * ERROR) arrives; frames for other request ids are skipped (none are in flight here). */
-static int transact(int fd, const uint8_t *req, size_t len, uint32_t rid, uint8_t want,
-                    struct frame *out) {
-    int rc = write_all(fd, req, len);
-    if (rc) return rc;
-    long long deadline = now_ms() + timeout_ms;
-    for (;;) {
-        struct frame f;
-        rc = read_frame(fd, &f, deadline);
-        if (rc) return rc;
-        if (f.type == T_ERROR && (f.request_id == rid || f.request_id == 0)) {
-            rc = handle_error(&f);
-            free(f.payload);
-            return rc;
-        }
-        if (f.request_id != rid) {
-            free(f.payload);
-            continue;
-        }
-        if (f.type != want) {
-            die_msg("protocol error: answer type %#x, expected %#x", f.type, want);
-            free(f.payload);
-            return EX_PROTO;
-        }
-        *out = f;
-        return 0;
-    }
+static uint32_t take_id(certd_client *c) {
+    uint32_t id = c->next_id++;
+    if (c->next_id == 0) c->next_id = 1; /* 0 is reserved for connection-level errors */
+    return id;
 }
 
 static void put_header(uint8_t *h, uint8_t type, uint32_t rid, uint32_t len) {
@@ -259,251 +109,280 @@ static void put_header(uint8_t *h, uint8_t type, uint32_t rid, uint32_t len) {
     put32(h + 12, len);
 }
 
-static int do_release(int fd, uint64_t lease, uint32_t rid) {
-    uint8_t req[HEADER_SIZE + 8];
-    put_header(req, T_RELEASE, rid, 8);
-    put64(req + HEADER_SIZE, lease);
-    struct frame f;
-    int rc = transact(fd, req, sizeof req, rid, T_RELEASE_REPLY, &f);
+static int write_all(certd_client *c, const uint8_t *buf, size_t len) {
+    if (c->fd < 0)
+        return fail(c, CERTD_E_IO, "not connected to certd");
+    while (len) {
+        ssize_t n = send(c->fd, buf, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return fail(c, CERTD_E_IO, "send to certd failed: %s", strerror(errno));
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return CERTD_OK;
+}
+
+/* Read exactly len bytes before the deadline. */
+static int read_exact(certd_client *c, uint8_t *buf, size_t len, long long deadline) {
+    while (len) {
+        long long left = deadline - now_ms();
+        if (left <= 0)
+            return fail(c, CERTD_E_TIMEOUT, "no answer from certd within %d ms", c->timeout_ms);
+        struct pollfd p = { .fd = c->fd, .events = POLLIN };
+        int r = poll(&p, 1, (int)left);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return fail(c, CERTD_E_IO, "poll: %s", strerror(errno));
+        if (r == 0) continue; /* the deadline check above */
+        ssize_t n = recv(c->fd, buf, len, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return fail(c, CERTD_E_IO, "connection to certd lost: %s", strerror(errno));
+        if (n == 0) return fail(c, CERTD_E_IO, "certd closed the connection");
+        buf += n;
+        len -= (size_t)n;
+    }
+    return CERTD_OK;
+}
+
+struct frame {
+    uint8_t type;
+    uint32_t request_id;
+    uint32_t length;
+    uint8_t *payload; /* malloc'd, length + 1 bytes (a NUL, so text payloads print) */
+};
+
+/* One frame with a valid header. The caller frees f->payload. */
+static int read_frame(certd_client *c, struct frame *f, long long deadline) {
+    uint8_t h[HEADER_SIZE];
+    int rc = read_exact(c, h, sizeof h, deadline);
     if (rc) return rc;
-    if (f.length != 16) {
-        die_msg("protocol error: RELEASE_REPLY of %u bytes, expected 16", f.length);
+    if (memcmp(h, MAGIC, 4) != 0)
+        return fail(c, CERTD_E_PROTOCOL,
+                    "protocol error: bad magic %02x%02x%02x%02x (not a certd frame)",
+                    h[0], h[1], h[2], h[3]);
+    f->type = h[5];
+    f->request_id = get32(h + 8);
+    f->length = get32(h + 12);
+    if (f->length > CERTD_MAX_FRAME - HEADER_SIZE)
+        return fail(c, CERTD_E_PROTOCOL, "protocol error: frame of %u bytes exceeds %u",
+                    f->length + HEADER_SIZE, CERTD_MAX_FRAME);
+    /* The payload is read even for a version/flags we refuse, so the message is complete. */
+    f->payload = malloc((size_t)f->length + 1);
+    if (!f->payload) return fail(c, CERTD_E_NOMEM, "out of memory");
+    rc = read_exact(c, f->payload, f->length, deadline);
+    if (rc) {
+        free(f->payload);
+        f->payload = NULL;
+        return rc;
+    }
+    f->payload[f->length] = 0;
+    if (h[4] != VERSION || get16(h + 6) != 0) {
+        free(f->payload);
+        f->payload = NULL;
+        return fail(c, CERTD_E_PROTOCOL,
+                    "protocol error: frame version %u flags %#x (this client speaks version %d)",
+                    h[4], get16(h + 6), VERSION);
+    }
+    return CERTD_OK;
+}
+
+static int server_error(certd_client *c, const struct frame *f) {
+    if (f->length < 8 || f->length - 8 > MAX_ERROR_MESSAGE)
+        return fail(c, CERTD_E_PROTOCOL, "protocol error: malformed ERROR frame (%u bytes)",
+                    f->length);
+    c->error_code = get16(f->payload);
+    c->error_closing = f->payload[2] & 1;
+    c->error_arg = get32(f->payload + 4);
+    return fail(c, CERTD_E_SERVER, "certd answered ERROR %u (arg %u%s) %s: %.*s", c->error_code,
+                c->error_arg, c->error_closing ? ", closing" : "",
+                certd_error_name(c->error_code), (int)(f->length - 8),
+                (const char *)f->payload + 8);
+}
+
+/* Send one request, then read frames until its answer (or a connection-level ERROR);
+ * frames for other request ids are skipped (this client has one request in flight). */
+static int transact(certd_client *c, const uint8_t *req, size_t len, uint32_t rid, uint8_t want,
+                    struct frame *out) {
+    c->error_code = 0;
+    c->error_arg = 0;
+    c->error_closing = 0;
+    c->message[0] = 0;
+    int rc = write_all(c, req, len);
+    if (rc) return rc;
+    long long deadline = now_ms() + c->timeout_ms;
+    for (;;) {
+        struct frame f;
+        rc = read_frame(c, &f, deadline);
+        if (rc) return rc;
+        if (f.type == T_ERROR && (f.request_id == rid || f.request_id == 0)) {
+            rc = server_error(c, &f);
+            free(f.payload);
+            return rc;
+        }
+        if (f.request_id != rid) {
+            free(f.payload);
+            continue;
+        }
+        if (f.type != want) {
+            free(f.payload);
+            return fail(c, CERTD_E_PROTOCOL, "protocol error: answer type %#x, expected %#x",
+                        f.type, want);
+        }
+        *out = f;
+        return CERTD_OK;
+    }
+}
+
+int certd_release(certd_client *c, uint64_t lease_id, uint32_t *result) {
+    uint8_t req[HEADER_SIZE + 8];
+    uint32_t rid = take_id(c);
+    put_header(req, T_RELEASE, rid, 8);
+    put64(req + HEADER_SIZE, lease_id);
+    struct frame f;
+    int rc = transact(c, req, sizeof req, rid, T_RELEASE_REPLY, &f);
+    if (rc) return rc;
+    if (f.length != 16 || get64(f.payload) != lease_id || get32(f.payload + 8) > 2) {
         free(f.payload);
-        return EX_PROTO;
+        return fail(c, CERTD_E_PROTOCOL, "protocol error: malformed RELEASE_REPLY (%u bytes)",
+                    f.length);
     }
-    uint32_t result = get32(f.payload + 8);
+    if (result) *result = get32(f.payload + 8);
     free(f.payload);
-    static const char *names[] = { "released", "unknown", "expired" };
-    printf("release=%s\n", result < 3 ? names[result] : "?");
-    if (result == 2)
-        die_msg("warning: lease %llu expired before RELEASE; certd no longer held the lock",
-                (unsigned long long)lease);
-    return 0;
+    return CERTD_OK;
 }
 
-static int write_file(const char *path, const uint8_t *buf, size_t len) {
-    FILE *fp = fopen(path, "wb");
-    if (!fp) {
-        die_msg("cannot open %s: %s", path, strerror(errno));
-        return EX_IOERR_;
-    }
-    size_t n = fwrite(buf, 1, len, fp);
-    int err = n != len ? errno : 0;
-    if (fclose(fp) != 0 && !err) err = errno; /* a full disk often shows only at close */
-    if (n != len || err) {
-        die_msg("cannot write %s: %s", path, strerror(err ? err : EIO));
-        return EX_IOERR_;
-    }
-    return 0;
+int certd_valid_vm_id(const char *vm_id) {
+    size_t n = strlen(vm_id);
+    if (n == 0 || n > CERTD_MAX_VM_ID) return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)vm_id[i] < 0x20 || (unsigned char)vm_id[i] > 0x7e) return 0;
+    return 1;
 }
 
-static int cmd_get(int fd, const char *vm, uint64_t npages, const char *out, long hold_ms,
-                   uint32_t wait_ms) {
-    size_t idlen = strlen(vm);
-    uint8_t req[HEADER_SIZE + 16 + MAX_VM_ID];
-    put_header(req, T_GET, 1, (uint32_t)(16 + idlen));
+int certd_get(certd_client *c, const char *vm_id, uint64_t npages, uint32_t wait_ms,
+              void *buf, size_t buf_len, struct certd_reply *out) {
+    memset(out, 0, sizeof *out);
+    if (!certd_valid_vm_id(vm_id))
+        return fail(c, CERTD_E_USAGE, "VM id must be 1..%u bytes of printable ASCII",
+                    CERTD_MAX_VM_ID);
+    size_t idlen = strlen(vm_id);
+    uint8_t req[HEADER_SIZE + 16 + CERTD_MAX_VM_ID];
+    uint32_t rid = take_id(c);
+    put_header(req, T_GET, rid, (uint32_t)(16 + idlen));
     put64(req + 16, npages);
     put32(req + 24, wait_ms);
     put16(req + 28, 0);
     put16(req + 30, (uint16_t)idlen);
-    memcpy(req + 32, vm, idlen);
+    memcpy(req + 32, vm_id, idlen);
 
     struct frame f;
-    int rc = transact(fd, req, 32 + idlen, 1, T_GET_REPLY, &f);
+    int rc = transact(c, req, HEADER_SIZE + 16 + idlen, rid, T_GET_REPLY, &f);
     if (rc) return rc;
     if (f.length < 40 || get32(f.payload + 32) != f.length - 40) {
-        die_msg("protocol error: malformed GET_REPLY (%u bytes)", f.length);
         free(f.payload);
-        return EX_PROTO;
+        return fail(c, CERTD_E_PROTOCOL, "protocol error: malformed GET_REPLY (%u bytes)",
+                    f.length);
     }
-    uint32_t ret = get32(f.payload);
-    uint64_t need = get64(f.payload + 8);
-    uint64_t gen = get64(f.payload + 16);
-    uint64_t lease = get64(f.payload + 24);
+    out->ret = get32(f.payload);
+    out->npages = get64(f.payload + 8);
+    out->generation = get64(f.payload + 16);
+    out->lease_id = get64(f.payload + 24);
     uint32_t tlen = get32(f.payload + 32);
-    const uint8_t *table = f.payload + 40;
-
-    const char *name = ret == RET_OK ? "OK" : ret == RET_ENOSPC ? "ENOSPC"
-                     : ret == RET_EAGAIN ? "EAGAIN" : ret == RET_EIO ? "EIO" : NULL;
-    if (!name || (ret != RET_OK && (tlen || lease))) {
-        /* KVM_RUN fails with EINVAL on any other ret: a VMM must never pass it through. */
-        die_msg("protocol error: GET_REPLY ret %u with table %u lease %llu", ret, tlen,
-                (unsigned long long)lease);
+    int known = out->ret == CERTD_RET_OK || out->ret == CERTD_RET_EIO
+             || out->ret == CERTD_RET_EAGAIN || out->ret == CERTD_RET_ENOSPC;
+    if (!known || (out->ret != CERTD_RET_OK && (tlen || out->lease_id))) {
+        /* KVM_RUN fails with EINVAL on any other ret: never pass it through. */
         free(f.payload);
-        return EX_PROTO;
+        rc = fail(c, CERTD_E_PROTOCOL, "protocol error: GET_REPLY ret %u with table %u lease %llu",
+                  out->ret, tlen, (unsigned long long)out->lease_id);
+        goto release_and_fail;
     }
-    printf("ret=%u (%s) npages=%llu generation=%llu lease=%llu table_len=%u\n", ret, name,
-           (unsigned long long)need, (unsigned long long)gen, (unsigned long long)lease, tlen);
-
-    if (ret == RET_ENOSPC) {
-        /* VMM: kvm_run->snp_req_certs.npages = need; ret = ENOSPC; KVM_RUN. */
-        printf("buffer of %llu page(s) too small: %llu needed\n", (unsigned long long)npages,
-               (unsigned long long)need);
-        free(f.payload);
-        return EX_NOSPACE;
-    }
-    if (ret == RET_EAGAIN) { free(f.payload); return EX_BUSY; }    /* guest retries in 2 s */
-    if (ret == RET_EIO) { free(f.payload); return EX_UNAVAIL; }     /* fatal on certd's side */
-
-    /* ret == 0. VMM: check the table fits, copy it to the guest buffer at gpa. */
-    if ((uint64_t)tlen > npages * PAGE_SIZE) {
-        die_msg("protocol error: table of %u bytes does not fit %llu page(s)", tlen,
-                (unsigned long long)npages);
-        free(f.payload);
-        if (lease) do_release(fd, lease, 2);
-        return EX_PROTO;
-    }
-    uint8_t *guest = calloc(npages ? npages : 1, PAGE_SIZE); /* the guest zero-fills it */
-    rc = 0;
-    if (!guest) {
-        die_msg("out of memory for a %llu-page guest buffer", (unsigned long long)npages);
-        rc = EX_PROTO;
-    } else {
-        memcpy(guest, table, tlen);
-        if (out) rc = write_file(out, guest, tlen);
-        free(guest);
+    if (out->ret == CERTD_RET_OK) {
+        /* In pages, not bytes: npages comes from the guest and npages * 4096 may wrap. */
+        uint64_t need = ((uint64_t)tlen + CERTD_PAGE_SIZE - 1) / CERTD_PAGE_SIZE;
+        if (need > npages || tlen > buf_len) {
+            free(f.payload);
+            rc = fail(c, CERTD_E_PROTOCOL,
+                      "protocol error: table of %u bytes does not fit %llu page(s) / %zu bytes",
+                      tlen, (unsigned long long)npages, buf_len);
+            goto release_and_fail;
+        }
+        if (tlen) memcpy(buf, f.payload + 40, tlen);
+        out->table_len = tlen;
     }
     free(f.payload);
+    return CERTD_OK;
 
-    /* VMM: ret = 0, immediate_exit = 1, KVM_RUN returns -EINTR once the report is signed. */
-    if (rc == 0 && hold_ms > 0) {
-        struct timespec ts = { hold_ms / 1000, (hold_ms % 1000) * 1000000L };
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {}
-    }
-    /* Always release, even if writing failed: never leave certd's lock held. */
-    if (lease) {
-        int r2 = do_release(fd, lease, 2);
-        if (!rc) rc = r2;
+release_and_fail:
+    if (out->lease_id) {
+        char why[sizeof c->message];
+        memcpy(why, c->message, sizeof why);
+        certd_release(c, out->lease_id, NULL); /* never leave certd's lock held */
+        memcpy(c->message, why, sizeof why);
     }
     return rc;
 }
 
-static int cmd_status(int fd) {
+int certd_status(certd_client *c, char **json, size_t *len) {
     uint8_t req[HEADER_SIZE];
-    put_header(req, T_STATUS, 1, 0);
+    uint32_t rid = take_id(c);
+    put_header(req, T_STATUS, rid, 0);
     struct frame f;
-    int rc = transact(fd, req, sizeof req, 1, T_STATUS_REPLY, &f);
+    int rc = transact(c, req, sizeof req, rid, T_STATUS_REPLY, &f);
     if (rc) return rc;
-    fwrite(f.payload, 1, f.length, stdout);
-    putchar('\n');
-    free(f.payload);
-    return 0;
+    *json = (char *)f.payload; /* NUL-terminated by read_frame */
+    if (len) *len = f.length;
+    return CERTD_OK;
 }
 
-static void usage(FILE *to) {
-    fprintf(to,
-        "usage: %s [-s SOCKET] [-t TIMEOUT_MS] get VM_ID [-n NPAGES] [-o FILE] [-H HOLD_MS] [-w WAIT_MS]\n"
-        "       %s [-s SOCKET] [-t TIMEOUT_MS] status\n"
-        "\n"
-        "Reference client for the certd socket protocol (docs/protocol.md).\n"
-        "  get     act as a VMM: GET the certificate table for VM_ID, write it to FILE,\n"
-        "          hold the lease HOLD_MS milliseconds (default 0), then RELEASE\n"
-        "  status  print the daemon's JSON status document\n"
-        "\n"
-        "  -s SOCKET      certd socket (default " DEFAULT_SOCKET ")\n"
-        "  -t TIMEOUT_MS  wait at most this long for each answer (default 5000)\n"
-        "  -n NPAGES      guest buffer size in 4 KiB pages (default 4)\n"
-        "  -w WAIT_MS     how long certd may wait for a valid table before EAGAIN (0: its default)\n"
-        "  -h             this help\n"
-        "\n"
-        "exit codes: 0 ok, 2 usage, 3 ENOSPC, 69 unavailable/EIO, 70 protocol error,\n"
-        "            74 output not written, 75 EAGAIN/busy, 77 refused\n",
-        prog, prog);
+uint32_t certd_guest_ret(int rc, const struct certd_reply *r) {
+    return rc == CERTD_OK && r ? r->ret : CERTD_RET_EAGAIN;
 }
 
-static int parse_u64(const char *s, unsigned long long max, unsigned long long *out) {
-    char *end;
-    errno = 0;
-    if (!*s || *s == '-') return -1;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end || v > max) return -1;
-    *out = v;
-    return 0;
-}
-
-int main(int argc, char **argv) {
-    const char *sock = DEFAULT_SOCKET, *out = NULL;
-    unsigned long long npages = 4, hold = 0, wait = 0, tmo = 5000;
-    int c;
-    /* '+' stops at the first non-option (the command); options after it are parsed again. */
-    while ((c = getopt(argc, argv, "+s:t:h")) != -1) {
-        switch (c) {
-        case 's': sock = optarg; break;
-        case 't':
-            if (parse_u64(optarg, 3600000, &tmo) || tmo == 0) {
-                die_msg("-t: not a timeout in ms: %s", optarg);
-                return EX_USAGE_;
-            }
-            break;
-        case 'h': usage(stdout); return EX_OK_;
-        default: usage(stderr); return EX_USAGE_;
-        }
+const char *certd_rc_name(int rc) {
+    switch (rc) {
+    case CERTD_OK: return "CERTD_OK";
+    case CERTD_E_USAGE: return "CERTD_E_USAGE";
+    case CERTD_E_CONNECT: return "CERTD_E_CONNECT";
+    case CERTD_E_ACCESS: return "CERTD_E_ACCESS";
+    case CERTD_E_TIMEOUT: return "CERTD_E_TIMEOUT";
+    case CERTD_E_IO: return "CERTD_E_IO";
+    case CERTD_E_PROTOCOL: return "CERTD_E_PROTOCOL";
+    case CERTD_E_SERVER: return "CERTD_E_SERVER";
+    case CERTD_E_NOMEM: return "CERTD_E_NOMEM";
+    default: return "?";
     }
-    timeout_ms = (int)tmo;
-    if (optind >= argc) { usage(stderr); return EX_USAGE_; }
-    const char *cmd = argv[optind++];
-    const char *vm = NULL;
-    if (strcmp(cmd, "get") == 0) {
-        /* Parse the get options over argv from "get" on; GNU getopt permutes, so
-         * options may come before or after VM_ID. */
-        int sargc = argc - (optind - 1);
-        char **sargv = argv + (optind - 1);
-        optind = 0; /* glibc: 0 reinitialises the scanner for a new argv */
-        while ((c = getopt(sargc, sargv, "n:o:H:w:h")) != -1) {
-            switch (c) {
-            case 'n':
-                if (parse_u64(optarg, (1ULL << 40), &npages)) {
-                    die_msg("-n: not a page count: %s", optarg);
-                    return EX_USAGE_;
-                }
-                break;
-            case 'o': out = optarg; break;
-            case 'H':
-                if (parse_u64(optarg, 3600000, &hold)) {
-                    die_msg("-H: not a duration in ms: %s", optarg);
-                    return EX_USAGE_;
-                }
-                break;
-            case 'w':
-                if (parse_u64(optarg, 0xFFFFFFFFULL, &wait)) {
-                    die_msg("-w: not a duration in ms: %s", optarg);
-                    return EX_USAGE_;
-                }
-                break;
-            case 'h': usage(stdout); return EX_OK_;
-            default: usage(stderr); return EX_USAGE_;
-            }
-        }
-        if (optind >= sargc) { die_msg("get: VM_ID missing"); return EX_USAGE_; }
-        vm = sargv[optind++];
-        if (optind < sargc) {
-            die_msg("unexpected argument '%s'", sargv[optind]);
-            return EX_USAGE_;
-        }
-        size_t n = strlen(vm);
-        if (n == 0 || n > MAX_VM_ID) {
-            die_msg("VM_ID must be 1..%d bytes, not %zu", MAX_VM_ID, n);
-            return EX_USAGE_;
-        }
-        for (size_t i = 0; i < n; i++)
-            if ((unsigned char)vm[i] < 0x20 || (unsigned char)vm[i] > 0x7e) {
-                die_msg("VM_ID byte %zu (0x%02x) is not printable ASCII", i, (unsigned char)vm[i]);
-                return EX_USAGE_;
-            }
-    } else if (strcmp(cmd, "status") == 0) {
-        if (optind < argc) {
-            die_msg("unexpected argument '%s'", argv[optind]);
-            return EX_USAGE_;
-        }
-    } else {
-        die_msg("unknown command '%s' (expected get or status)", cmd);
-        usage(stderr);
-        return EX_USAGE_;
-    }
+}
 
-    int fd, rc = connect_socket(sock, &fd);
-    if (rc) return rc;
-    rc = vm ? cmd_get(fd, vm, npages, out, (long)hold, (uint32_t)wait) : cmd_status(fd);
-    close(fd); /* certd ends any lease this connection still holds */
-    return rc;
+const char *certd_ret_name(uint32_t ret) {
+    switch (ret) {
+    case CERTD_RET_OK: return "OK";
+    case CERTD_RET_EIO: return "EIO";
+    case CERTD_RET_EAGAIN: return "EAGAIN";
+    case CERTD_RET_ENOSPC: return "ENOSPC";
+    default: return "?";
+    }
+}
+
+const char *certd_error_name(uint16_t code) {
+    switch (code) {
+    case CERTD_ERR_BAD_MAGIC: return "BAD_MAGIC";
+    case CERTD_ERR_FRAME_TOO_LARGE: return "FRAME_TOO_LARGE";
+    case CERTD_ERR_TRUNCATED: return "TRUNCATED";
+    case CERTD_ERR_UNSUPPORTED_VERSION: return "UNSUPPORTED_VERSION";
+    case CERTD_ERR_UNKNOWN_TYPE: return "UNKNOWN_TYPE";
+    case CERTD_ERR_BAD_FLAGS: return "BAD_FLAGS";
+    case CERTD_ERR_BAD_PAYLOAD: return "BAD_PAYLOAD";
+    case CERTD_ERR_BAD_VM_ID: return "BAD_VM_ID";
+    case CERTD_ERR_BAD_REQUEST_ID: return "BAD_REQUEST_ID";
+    case CERTD_ERR_ACCESS_DENIED: return "ACCESS_DENIED";
+    case CERTD_ERR_RATE_LIMITED: return "RATE_LIMITED";
+    case CERTD_ERR_TOO_MANY_LEASES: return "TOO_MANY_LEASES";
+    case CERTD_ERR_TOO_MANY_REQUESTS: return "TOO_MANY_REQUESTS";
+    case CERTD_ERR_SHUTTING_DOWN: return "SHUTTING_DOWN";
+    case CERTD_ERR_IDLE_TIMEOUT: return "IDLE_TIMEOUT";
+    case CERTD_ERR_INTERNAL: return "INTERNAL";
+    default: return "UNKNOWN_CODE";
+    }
 }

@@ -1,7 +1,9 @@
-"""contrib/certd-client.c: compiled with gcc, run against the test-only FakeServer.
+"""contrib/certd-client (the CLI on the C library certd-client.c): compiled with gcc, run
+against the test-only FakeServer, which can send the odd answers a real daemon never does.
 
 The C client mirrors a VMM (GET, copy the table, hold, RELEASE); these tests check that a
-client written from docs/protocol.md alone interoperates with certd.abi.wire.
+client written from docs/protocol.md alone interoperates with certd.abi.wire. The library
+against a real daemon, and the VMM example: tests/test_c_kit.py.
 """
 
 from __future__ import annotations
@@ -19,20 +21,27 @@ from certd.abi import wire
 from certd import exitcodes
 from test_client import TABLE, FakeServer, GENERATION  # the shared test-only server
 
-SRC = Path(__file__).resolve().parent.parent / "contrib" / "certd-client.c"
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+SOURCES = [CONTRIB / "certd-client-cli.c", CONTRIB / "certd-client.c"]
+#: The Makefile's warning set, plus -Werror: the kit must build clean.
+CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Wpedantic", "-Wshadow", "-Wconversion",
+          "-Wno-sign-conversion", "-Werror"]
+
+
+def compile_c(out: Path, *sources: Path) -> str:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    r = subprocess.run([cc, *CFLAGS, "-o", str(out), *map(str, sources)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "", r.stderr  # no warnings either
+    return str(out)
 
 
 @pytest.fixture(scope="module")
 def cclient(tmp_path_factory) -> str:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    exe = tmp_path_factory.mktemp("cc") / "certd-client"
-    # -Werror with the Makefile's warning set: the reference client must build clean.
-    subprocess.run([cc, "-O2", "-std=c11", "-Wall", "-Wextra", "-Wpedantic", "-Wshadow",
-                    "-Wconversion", "-Wno-sign-conversion", "-Werror", "-o", str(exe), str(SRC)],
-                   check=True, capture_output=True, timeout=60)
-    return str(exe)
+    return compile_c(tmp_path_factory.mktemp("cc") / "certd-client", *SOURCES)
 
 
 @pytest.fixture
@@ -147,8 +156,11 @@ async def test_write_failure_still_releases(cclient, server, tmp_path):
 def test_makefile_builds(tmp_path):
     if shutil.which("make") is None or shutil.which("cc") is None:
         pytest.skip("make or cc missing")
-    for name in (SRC.name, "qemu_reader.c", "Makefile"):
-        shutil.copy(SRC.parent / name, tmp_path / name)
-    subprocess.run(["make", "-s", "-C", str(tmp_path)], check=True, capture_output=True,
-                   timeout=60, env={**os.environ, "CFLAGS": "-O2 -Werror"})
-    assert (tmp_path / "certd-client").exists() and (tmp_path / "qemu_reader").exists()
+    for name in ("certd-client.h", "certd-client.c", "certd-client-cli.c", "vmm-example.c",
+                 "qemu_reader.c", "Makefile"):
+        shutil.copy(CONTRIB / name, tmp_path / name)
+    r = subprocess.run(["make", "-s", "-C", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "CFLAGS": "-O2 -Werror"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    for built in ("certd-client", "vmm-example", "qemu_reader", "libcertd-client.a"):
+        assert (tmp_path / built).exists(), built

@@ -239,24 +239,6 @@ def test_sigterm_drains_live_leases(daemon):
         c.close()
 
 
-def test_reference_c_client_against_the_daemon(daemon, tmp_path):
-    exe = tmp_path / "certd-client"
-    src = Path(__file__).parent.parent / "contrib" / "certd-client.c"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(src)],
-                   check=True, capture_output=True, timeout=120)
-    out = tmp_path / "table.bin"
-    got = subprocess.run([str(exe), "-s", daemon.socket, "get", "vm-c", "-n", "4", "-o", str(out),
-                          "-H", "50"], capture_output=True, text=True, timeout=30)
-    assert got.returncode == 0, got.stderr
-    assert out.read_bytes()[:daemon.blob.stat().st_size] == daemon.blob.read_bytes()
-    small = subprocess.run([str(exe), "-s", daemon.socket, "get", "vm-c", "-n", "0"],
-                           capture_output=True, text=True, timeout=30)
-    assert small.returncode == 3, small.stdout + small.stderr
-    status = subprocess.run([str(exe), "-s", daemon.socket, "status"], capture_output=True,
-                            text=True, timeout=30)
-    assert status.returncode == 0 and '"leases":0' in status.stdout.replace(" ", "")
-
-
 def test_rotation_is_noticed_when_it_happens(daemon, tmp_path):
     """The watcher validates a newly installed blob at once: one for another chip is
     refused (logged, STATUS says so) before any VM asks, and never served."""

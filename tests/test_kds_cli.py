@@ -198,3 +198,21 @@ async def test_50_waiters_and_a_certctl_prefetch_make_one_request(kds, tmp_path,
         assert json.loads(out)["requests"] == 0  # it found what the daemon side fetched
     else:
         assert n > 1  # without coalescing every waiter asks KDS itself
+
+
+@pytest.mark.parametrize("name", ["milan", "genoa-A0h", "turin"])
+def test_fetch_from_platform_files_requests_the_documented_url(kds, tmp_path, capsys, name):
+    from test_kds_client import CASES
+    pf = platform_file(tmp_path, name)
+    if name == "genoa-A0h":  # a model A0h part is a Siena/Bergamo: the file may say so
+        text = pf.read_text()
+        assert 'product = "Genoa"' in text
+        pf.write_text(text.replace('product = "Genoa"', 'product = "Siena"'))
+    _, target = case_platform(name)
+    cfg = write_config(tmp_path, [kds.url])
+    out = tmp_path / "vcek.der"
+    rc, text, err = run(capsys, "kds", "fetch", "--platform", str(pf), "--config", str(cfg),
+                        "-o", str(out), "--der")
+    assert rc == 0, err
+    assert [r.target for r in kds.vcek_requests()] == [target]
+    assert out.read_bytes() == (VECTORS / CASES[name][2]).read_bytes()

@@ -324,6 +324,7 @@ def test_close_ends_a_forever_fetch(kds, tmp_path):
         c.close()
         with pytest.raises(KdsUnavailable):
             await task
+        assert await asyncio.to_thread(c.idle, 10)
 
     asyncio.run(main())
 
@@ -335,3 +336,86 @@ def test_vlek_platform_and_missing_chip_id_are_refused(tmp_path):
         c.cached_blob(platform.replace(signing_key="vlek"))
     with pytest.raises(ValueError, match="chip id"):
         c.cached_blob(platform.replace(chip_id=None, mask_chip_id=True))
+
+
+def test_a_fetch_nobody_waits_for_any_more_stops(kds, tmp_path):
+    import asyncio
+    platform, _ = case_platform("milan")
+    kds.script(*[Reply(404)] * 10_000)
+    c = client([kds.url], tmp_path / "cache", min_backoff_s=0.02, max_backoff_s=0.02)
+
+    async def grows(by: int) -> None:
+        n = len(kds.vcek_requests())
+        for _ in range(1000):
+            if len(kds.vcek_requests()) >= n + by:
+                return
+            await asyncio.sleep(0.01)
+        pytest.fail("the fetch stopped retrying")
+
+    async def main():
+        first = asyncio.ensure_future(c.vcek_blob(platform))
+        second = asyncio.ensure_future(c.vcek_blob(platform))
+        await grows(1)
+        first.cancel()
+        # Control: one waiter is left, so the (single) fetch goes on retrying for ever
+        await grows(3)
+        assert len(c.fetching()) == 1
+        second.cancel()
+        assert await asyncio.to_thread(c.idle, 10)  # the last waiter left: the thread ends
+        assert c.fetching() == []
+        for t in (first, second):
+            with pytest.raises(asyncio.CancelledError):
+                await t
+
+    asyncio.run(main())
+    assert any(kw["kind"] == "missing" for kw in c.log.vcek_failures())
+
+
+def test_retry_after_zero_does_not_make_a_busy_loop(kds, tmp_path):
+    platform, _ = case_platform("milan")
+    kds.script(Reply(503, b"", {"Retry-After": "0"}), Reply(503, b"", {"Retry-After": "0"}))
+    c = client([kds.url], tmp_path / "cache", min_backoff_s=0.2, max_backoff_s=0.4)
+    c.vcek_blob_sync(platform, deadline_s=20)
+    reqs = kds.vcek_requests()
+    assert len(reqs) == 3 and all(g >= 0.2 for g in gaps(reqs))
+    assert [kw["retry_in_s"] for kw in c.log.vcek_failures()] == [0.2, 0.2]
+
+
+def test_each_source_backs_off_on_its_own(tmp_path):
+    with KdsServer(served=[]) as mirror, KdsServer() as base:
+        base.script(Reply(429, b"", {"Retry-After": "1"}))
+        platform, _ = case_platform("milan")
+        c = client([mirror.url, base.url], tmp_path / "cache", min_backoff_s=0.1,
+                   max_backoff_s=0.8, rng=lambda: 0.5)
+        c.vcek_blob_sync(platform, deadline_s=20)
+        # the mirror (404, backoff 0.1, 0.2, 0.4, ...) was asked again while the base's
+        # Retry-After ran; the base was asked once more, after it
+        mirror_waits = [kw["retry_in_s"] for kw in c.log.vcek_failures()
+                        if kw["url"].startswith(mirror.url)]
+        assert mirror_waits[:3] == [0.1, 0.2, 0.4]
+        assert len(base.vcek_requests()) == 2
+        assert gaps(base.vcek_requests())[0] >= 0.95
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand files to another owner")
+def test_root_keeps_the_cache_owned_by_the_cache_owner(kds, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chown(cache, 65534, 65534)  # the daemon's user owns its cache directory
+    platform, _ = case_platform("turin")
+    c = client([kds.url], cache)
+    c.vcek_blob_sync(platform, deadline_s=20)
+    made = [p for p in cache.rglob("*")] + [p for p in cache.rglob(".*")]
+    assert any(p.name.endswith("_vcek.der") for p in made)
+    assert any(p.name.endswith(".lock") for p in made)
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(65534, 65534)}
+
+
+def test_an_unwritable_cache_still_gives_the_blob(kds, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    platform, _ = case_platform("milan")
+    c = client([kds.url], blocker / "cache")
+    blob = c.vcek_blob_sync(platform, deadline_s=20)
+    assert leaf_of(blob) == (VECTORS / "milan_vcek.der").read_bytes()
+    assert c.log.events("kds cache write failed") and c.log.events("kds cache lock unusable")

@@ -220,3 +220,38 @@ def test_drift_without_the_hook_stops_the_stale_table_then_rotates(rig):
     asyncio.run(asyncio.wait_for(watch(), 20))
     assert old not in got[1:]
     print(f"\ndrift: answers after the hand-made change until the new blob: {got}")
+
+
+def _drop(directory: Path, name: str, data: bytes) -> None:
+    """Write as a provisioning tool should: a dot-file, then rename into place."""
+    tmp = directory / f".{name}.part"
+    tmp.write_bytes(data)
+    os.rename(tmp, directory / name)
+
+
+def test_drop_directory_rotates_a_vlek_in_and_rejects_garbage(tmp_path):
+    """A VLEK dropped into [watch] drop_dir on a platform that signs with its VLEK is
+    completed with the ASVK and ARK, judged and served; garbage is moved to rejected/ with
+    a .reason and the served blob stays."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    rig = Rig(tmp_path, extra=f'\n[watch]\ndrop_dir = "{drop}"\n')
+    try:
+        plat = rig.platform.replace(signing_key="vlek")
+        platformmod.save(plat, rig.platform_file)
+        rig.daemon.start()
+        assert asyncio.run(served_tcb(rig.daemon.socket)) is None  # nothing yet
+        vlek, _key = rig.pki.issue_vlek(plat.reported_tcb)
+        _drop(drop, "vlek.pem", vlek.public_bytes(devpki.PEM))
+        asyncio.run(until(lambda: _eq(served_tcb(rig.daemon.socket), plat.reported_tcb),
+                          timeout=10, what="the dropped VLEK served"))
+        served = rig.daemon.blob.read_bytes()
+        assert policy.parse_blob(served).leaf.kind.value == "VLEK"
+        _drop(drop, "junk.pem", b"not a certificate")
+        asyncio.run(until(lambda: _async((drop / "rejected" / "junk.pem.reason").exists()),
+                          timeout=10, what="garbage rejected"))
+        assert (drop / "rejected" / "junk.pem").read_bytes() == b"not a certificate"
+        assert rig.daemon.blob.read_bytes() == served
+        assert (drop / "accepted" / "vlek.pem").exists()
+    finally:
+        rig.close()

@@ -14,7 +14,8 @@ import pytest
 from certd import devpki, exitcodes, policy
 from certd.cli import certctl, cmd_status
 from certd.service import health
-from certd.service.profiles import Profile
+from certd.platform import PlatformSource
+from certd.service.profiles import Judge, Profile
 from tests.daemon_support import BIN, DaemonProc, config_text, make_daemon
 
 #: A real daemon process on a development PKI (so its leaf and CRL can be short-lived):
@@ -174,10 +175,9 @@ def test_stale_once_the_leaf_has_run_out(tmp_path):
     leaf, _ = pki.issue_vcek(plat.reported_tcb, plat.chip_id, not_after=now + timedelta(days=1))
     path = tmp_path / "certs.blob"
     path.write_bytes(policy.build_blob(pki.ark, pki.ask, leaf, trust=pki.trust, platform=plat))
-    p = Profile("default", str(path),
-                validate=lambda b: policy.check_blob(b, trust=pki.trust, platform=plat))
+    p = Profile("default", str(path), Judge(pki.trust, PlatformSource("fixed", fixed=plat)))
     try:
-        assert not p.decided and p.refresh() and p.decided
+        assert not p.decided and p.look() == "serving" and p.decided
         assert health.state(p) == "serving"
         assert health.state(p, now + timedelta(days=2)) == "stale"
         assert health.dates(p).leaf_not_after == leaf.not_valid_after_utc

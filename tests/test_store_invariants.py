@@ -9,6 +9,7 @@ invariant, which the control asserts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -441,9 +442,11 @@ def stale_env_install(milan: Milan, unsafe: str | None = None) -> int:
 
 
 def test_stale_lock_env_waits_and_times_out(milan):
-    assert stale_env_install(milan) == 75
+    code = stale_env_install(milan)
+    log = (milan.dir / "job.log").read_text()
+    assert code == 75, log
     assert milan.blob.read_bytes() == milan.m1.read_bytes()
-    assert "not obtained after 0.5" in (milan.dir / "job.log").read_text()
+    assert "not obtained after" in log and "another updater holds the update gate" in log
 
 
 def test_stale_lock_env_waits_and_times_out_control(milan):
@@ -586,3 +589,52 @@ def test_ensure_exists_never_overwrites_a_concurrent_install(milan, monkeypatch)
 def test_ensure_exists_never_overwrites_a_concurrent_install_control(milan, monkeypatch):
     assert ensure_against_a_concurrent_install(milan, monkeypatch, "ensure-recheck") is not None
     assert milan.blob.read_bytes() == EMPTY  # the installed blob was lost
+
+
+def test_concurrent_nested_installs_take_turns(milan):
+    """Two nested installs at once in one hook: the parent serves one session at a time,
+    so the second adopts the lock on the first one's new inode instead of sharing it."""
+    m3 = milan.dir / "m3.blob"
+    m3.write_bytes(real_blob("milan", "milan_virtee_vcek.der"))
+    r = certctl("install", "--blob", str(milan.blob), str(m3), "--force")
+    assert r.returncode == 0, r.stderr
+    cli = certctl_runner(milan.dir)
+    inst = f"{cli} install --blob '{milan.blob}' '{{}}' --force --timeout 5 --json > '{{}}'"
+    hook = (inst.format(milan.m2, milan.dir / "a.json") + " & "
+            + inst.format(milan.m1, milan.dir / "b.json") + " & "
+            "wait %1 && wait %2")
+    r = certctl("lock", "--blob", str(milan.blob), "--exclusive", "--", "sh", "-c", hook)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = (json.loads((milan.dir / n).read_text()) for n in ("a.json", "b.json"))
+    # One ran after the other: the second replaced what the first installed. Had they
+    # shared the lock, both would have replaced m3.
+    r3 = hashlib.sha256(m3.read_bytes()).hexdigest()
+    first, second = (a, b) if a["previous_sha256"] == r3 else (b, a)
+    assert first["previous_sha256"] == r3 and second["previous_sha256"] == first["sha256"], (a, b)
+    assert milan.blob.read_bytes() in (milan.m1.read_bytes(), milan.m2.read_bytes())
+
+
+def test_an_update_can_run_a_command_that_installs_under_its_lock(milan):
+    """What 'certctl fw-update -- CMD' needs: CMD's nested install adopts the update's
+    lock, its new blob stays locked until the update ends, and the update settles it."""
+    r = certctl("install", "--blob", str(milan.blob), str(milan.m1), "--force")
+    assert r.returncode == 0, r.stderr
+    cli = certctl_runner(milan.dir)
+    store = BlobStore(milan.blob, table_only)
+    probe = ("import fcntl, os, sys; from certd.store import locks; "
+             "fd = os.open(sys.argv[1], os.O_RDONLY); "
+             "sys.exit(0 if locks.conflicting_lock(fd) == fcntl.F_WRLCK else 4)")
+
+    def change(current):
+        cmd = f"{cli} install --blob '{milan.blob}' '{milan.m2}' --force --timeout 1 >/dev/null"
+        assert nested.run_command(store.hold, ["sh", "-c", cmd], env=child_env()) == 0
+        assert milan.blob.read_bytes() == milan.m2.read_bytes()
+        # still locked after CMD ended: the update holds the nested install's inode
+        assert subprocess.run([sys.executable, "-c", probe, str(milan.blob)], timeout=60,
+                              env=child_env()).returncode == 0
+        return None
+
+    r = store.update(change)
+    assert r.outcome == "kept" and r.settled.outcome == "kept" and store.hold is None
+    assert milan.blob.read_bytes() == milan.m2.read_bytes()
+    assert not locks.updater_waiting(milan.blob)

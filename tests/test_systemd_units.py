@@ -1,7 +1,9 @@
 """The systemd files: `systemd-analyze verify` prints nothing, the hardening exposure stays
-<= 1.5 (and is printed, so the CI log shows it), and the units agree with the code's defaults.
+<= 1.2 (<= 1.0 with the no-network drop-in) and is printed, so the CI log shows it, the
+socket stays out of the service's RuntimeDirectory, and the units agree with the code's
+defaults. (tests/test_nspawn.py boots them under a real systemd.)
 
-Run with `-rA` or `-s` to see the printed exposure figure."""
+Run with `-rA` or `-s` to see the printed exposure figures."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from certd import exitcodes
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
-MAX_EXPOSURE = 1.5
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze not installed")
@@ -40,21 +41,11 @@ def load_check_units():
 check_units = load_check_units()
 
 
+MAX_EXPOSURE = check_units.MAX_EXPOSURE
+
+
 def unit(name: str) -> dict[str, dict[str, list[str]]]:
-    """section -> key -> every value assigned (systemd allows repeating keys)."""
-    out: dict[str, dict[str, list[str]]] = {}
-    section = ""
-    for raw in (SYSTEMD / name).read_text().splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            out.setdefault(section, {})
-            continue
-        key, _, value = line.partition("=")
-        out[section].setdefault(key, []).append(value)
-    return out
+    return check_units.settings((SYSTEMD / name).read_text())
 
 
 @pytest.fixture
@@ -89,6 +80,36 @@ def test_security_exposure(units):
 
 
 @needs_analyze
+def test_security_exposure_without_network(units, tmp_path):
+    """The documented drop-in for hosts that never fetch from KDS gets to <= 1.0."""
+    nonet = check_units.with_dropin(units[0], check_units.NO_NETWORK_DROPIN,
+                                    tmp_path / "certd-nonet.service")
+    figure, table = check_units.exposure(nonet)
+    print(f"\ncertd.service + {check_units.NO_NETWORK_DROPIN.name} exposure: {figure:.1f} "
+          f"(max {check_units.MAX_EXPOSURE_NO_NETWORK})")
+    assert figure <= check_units.MAX_EXPOSURE_NO_NETWORK, table
+    assert "PrivateNetwork=" not in _bad_items(table)
+    assert "RestrictAddressFamilies=~AF_(INET|INET6)" not in _bad_items(table)
+
+
+@needs_analyze
+def test_no_network_dropin_needs_the_reset_line(units, tmp_path):
+    """Negative control: without the empty `RestrictAddressFamilies=` a second allow list is
+    added to the unit's (AF_INET stays allowed): the check above must see that."""
+    dropin = tmp_path / "no-reset.conf"
+    dropin.write_text(check_units.NO_NETWORK_DROPIN.read_text()
+                      .replace("RestrictAddressFamilies=\n", ""))
+    assert dropin.read_text().count("RestrictAddressFamilies=") == 1
+    nonet = check_units.with_dropin(units[0], dropin, tmp_path / "certd-nonet.service")
+    _, table = check_units.exposure(nonet)
+    assert "RestrictAddressFamilies=~AF_(INET|INET6)" in _bad_items(table)
+
+
+def _bad_items(table: str) -> set[str]:
+    return {line.split()[1] for line in table.splitlines() if line.startswith("✗")}
+
+
+@needs_analyze
 def test_check_units_script():
     r = subprocess.run([sys.executable, str(SYSTEMD / "check-units")], capture_output=True,
                        text=True, timeout=120)
@@ -117,16 +138,23 @@ def test_service_unit_essentials():
     assert {"AF_INET", "AF_INET6", "AF_UNIX"} <= set(s["RestrictAddressFamilies"][0].split())
     # PrivateUsers would turn every peer uid into 65534 and break SO_PEERCRED checks.
     assert s.get("PrivateUsers", ["no"]) == ["no"]
+    # A private /dev; /dev/sev bound in read-only where it exists.
+    assert s["PrivateDevices"] == ["yes"]
+    assert "-/dev/sev" in s["BindReadOnlyPaths"][0].split()
 
 
 def test_runtime_directory_trap():
-    """If the service owns the directory that holds the activated socket, systemd deletes it
-    (socket file included) on every stop/restart unless it is preserved."""
-    s = unit("certd.service")["Service"]
-    sock_dir = Path(unit("certd.socket")["Socket"]["ListenStream"][0]).parent
-    runtime = [Path("/run", d) for v in s.get("RuntimeDirectory", []) for d in v.split()]
-    if sock_dir in runtime:
-        assert s.get("RuntimeDirectoryPreserve") == ["yes"]
+    """The socket's directory must not be the service's RuntimeDirectory: systemd chowns it
+    (socket file included) to certd:certd at every start and removes it at stop.
+    tests/test_nspawn.py shows the effect under a real systemd."""
+    service = (SYSTEMD / "certd.service").read_text()
+    socket_unit = (SYSTEMD / "certd.socket").read_text()
+    assert check_units.socket_dir_problems(service, socket_unit) == []
+    # Negative control: the unit as it was.
+    old = service.replace("[Service]\n", "[Service]\nRuntimeDirectory=certd\n"
+                          "RuntimeDirectoryPreserve=yes\n", 1)
+    assert "RuntimeDirectory=certd" in old
+    assert check_units.socket_dir_problems(old, socket_unit) != []
 
 
 def test_socket_unit_matches_the_code():

@@ -11,7 +11,7 @@ from certd import config as configmod, exitcodes
 from certd.abi import table
 from certd.abi.tcb import Tcb
 from certd.cli import certinfo
-from certd.cli.common import CliError, add_json_flag, emit, run_command
+from certd.cli.common import CliError, add_json_flag, emit, run_locked, shell_code
 from certd.store import blobstore, locks
 
 HELP = "run a firmware-update command under the exclusive lock and install the matching blob"
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     def change(current: bytes | None) -> bytes | None:
         before = setup.platform.current
-        rc = run_command(list(args.command))
+        rc = shell_code(run_locked(store.hold, list(args.command)))  # nested installs adopt it
         outcome["cmd_exit"] = rc
         setup.platform.observe(force=True)
         after = setup.platform.current

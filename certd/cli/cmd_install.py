@@ -16,16 +16,14 @@ HELP = "validate a certificate blob and install it atomically at the blob path"
 DESCRIPTION = """\
 Validate NEW and make it the blob at --blob, the way every reader expects:
 take the update gate and the blob's exclusive OFD lock (waiting at most --timeout),
-write the update journal (.BLOB.journal), validate, write a temp file in the same
-directory, fsync, lock it, rename it over the blob, fsync the directory, remove the
-journal. The replaced blob is kept as BLOB.prev ('certctl rollback'). A crash at any
-point leaves the old or the new blob, whole, and the journal: the next updater (or certd)
-then re-checks the blob before it is served.
+validate, write a temp file in the same directory, fsync, lock it, rename it over the
+blob, fsync the directory. The replaced blob is kept as BLOB.prev ('certctl rollback').
+A crash at any point leaves the old or the new blob, whole.
 
 If NEW is refused, the current blob is checked too, under the same lock: if it no longer
 fits the platform it is replaced by the empty table (never wrong, only empty), and the
-JSON says "blob_outcome": "emptied". A journal left by an updater that died is settled
-the same way before NEW is installed.
+JSON says "blob_outcome": "emptied". A journal (.BLOB.journal) left by an updater that
+died, or by 'certctl lock --exclusive', is settled the same way before NEW is installed.
 
 Checks (certd.policy): the GHCB table format and the 16 KiB guest limit, the roles, the
 chain to a pinned AMD root, product agreement, dates (at --at, default now), revocation by

@@ -8,8 +8,8 @@ import sys
 import time
 
 from certd import exitcodes
-from certd.cli.common import CliError, add_json_flag, emit
-from certd.store import journal, locks, nested
+from certd.cli.common import CliError, add_json_flag, emit, run_locked, shell_code
+from certd.store import journal, locks
 
 HELP = "run a command while holding the blob's shared or exclusive lock"
 DESCRIPTION = """\
@@ -99,19 +99,12 @@ def run(args: argparse.Namespace) -> int:
                                f"{e.strerror} ({e.filename}); CMD was not run",
                                exitcodes.IOERR) from None
             journal_path = journal.journal_path(lk.path)
-        try:
-            rc = nested.run_command(hold, cmd)
-        except FileNotFoundError:
-            raise CliError(f"command not found: {cmd[0]}", 127) from None
-        except PermissionError:
-            raise CliError(f"command cannot be executed: {cmd[0]}", 126) from None
-        except OSError as e:
-            raise CliError(f"cannot run {cmd[0]}: {e.strerror}", 126) from None
+        rc = run_locked(hold, cmd)
         held = time.monotonic() - t0 - waited
     finally:
         hold.release()
         lk.close()
-    code = 128 - rc if rc < 0 else rc
+    code = shell_code(rc)
     sys.stderr.flush()
     if args.json:
         emit(args, {"ok": code == 0, "blob": lk.path, "lock": mode, "command": cmd,

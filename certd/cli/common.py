@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 from typing import Any, Callable
 
@@ -61,38 +59,28 @@ def read_input(path: str, what: str) -> bytes:
         raise CliError(f"cannot read {what} {path!r}: {e.strerror}", exitcodes.NOINPUT) from None
 
 
-#: Signals a command-wrapping subcommand (lock, fw-update) forwards to its CMD.
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-
-
-def run_command(cmd: list[str], *, env: dict[str, str] | None = None,
-                pass_fds: tuple[int, ...] = ()) -> int:
-    """Run CMD to completion, forwarding SIGTERM/SIGINT/SIGHUP/SIGQUIT to it; returns its
-    exit code as a shell reports it (128+N when killed by signal N). Raises CliError 127
+def run_locked(hold: Any, cmd: list[str]) -> int:
+    """Run CMD while ``hold`` (an exclusive or shared lock) is held, serving nested
+    ``certctl install`` runs (:func:`certd.store.nested.run_command`); SIGTERM, SIGINT,
+    SIGHUP and SIGQUIT are forwarded. Returns CMD's status as Popen reports it (negative:
+    killed by that signal; :func:`shell_code` turns it into 128+N). Raises CliError 127
     (not found) or 126 (cannot be executed)."""
+    from certd.store import nested
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         raise CliError("no command given: ... -- CMD [ARGS...]", exitcodes.USAGE)
     try:
-        proc = subprocess.Popen(cmd, env=env, pass_fds=pass_fds)
+        rc = nested.run_command(hold, cmd)
     except FileNotFoundError:
         raise CliError(f"command not found: {cmd[0]}", 127) from None
     except PermissionError:
         raise CliError(f"command cannot be executed: {cmd[0]}", 126) from None
     except OSError as e:
         raise CliError(f"cannot run {cmd[0]}: {e.strerror}", 126) from None
+    return rc
 
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
-    try:
-        rc = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def shell_code(rc: int) -> int:
+    """A Popen status as a shell's exit code: 128+N for a command killed by signal N."""
     return 128 - rc if rc < 0 else rc

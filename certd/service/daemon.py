@@ -26,6 +26,7 @@ from certd.service import access, httpd, metrics, rotation, sdnotify, unixsock
 from certd.service.watcher import BlobWatcher
 from certd.service.profiles import HoldPolicy, Judge, Profile, ProfileSet
 from certd.service.server import CertServer, Limits
+from certd.sources.dropdir import DropDir
 from certd.store import blobstore
 
 log = structlog.get_logger("certd.daemon")
@@ -93,7 +94,9 @@ def limits_of(cfg: configmod.Config) -> Limits:
                   lease_timeout=s.lease_timeout_ms / 1000, idle_timeout=s.idle_timeout_s,
                   max_frame=s.max_frame,
                   max_leases_per_connection=s.max_leases_per_connection,
-                  max_connections=s.max_connections)
+                  max_connections=s.max_connections,
+                  max_connections_per_pid=s.max_connections_per_pid,
+                  max_leases_per_vm=s.max_leases_per_vm, frame_timeout=s.frame_timeout_s)
 
 
 def allow_of(cfg: configmod.Config) -> access.AllowList:
@@ -121,7 +124,8 @@ class Daemon:
         self.trust, self.platform, self.judge = self.setup.trust, self.setup.platform, \
             self.setup.judge
         self.profiles = build_profiles(cfg, self.judge)
-        self.rotator = rotation.Rotator(self.profiles.default, self.setup)
+        self.rotator = rotation.Rotator(self.profiles.default, self.setup, metrics.rotation)
+        self.dropdir: DropDir | None = None
         lim = limits_of(cfg)
         self.server = CertServer(self.profiles, lim, allow_of(cfg),
                                  access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst))
@@ -173,6 +177,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         watchdog = sdnotify.start_watchdog(self.notifier)
         self.watch()
+        self.watch_drop_dir()
         poller = loop.create_task(self._poll_platform())
         self.rotator.check("start")
         plat = self.platform.current
@@ -222,6 +227,28 @@ class Daemon:
                         signing_key=None if plat is None else plat.signing_key,
                         error=self.platform.error)
             self.blob_changed(None)
+
+    def watch_drop_dir(self) -> None:
+        """``[watch] drop_dir``: VLEKs/VCEKs dropped there are judged and rotated in."""
+        path = self.cfg.watch.drop_dir
+        if self.dropdir is not None:
+            if path is not None and os.path.abspath(path) == self.dropdir.path:
+                return
+            self.dropdir.close()
+            self.dropdir = None
+        if path is None:
+            return
+
+        def platform() -> Platform | None:
+            self.platform.observe()
+            return self.platform.current
+
+        async def accept(blob: bytes, name: str) -> str | None:
+            return await self.rotator.install(blob, "drop_dir")
+
+        self.dropdir = DropDir(path, trust=self.trust, platform=platform, accept=accept,
+                               loop=asyncio.get_running_loop())
+        log.info("watching the drop directory", drop_dir=str(path))
 
     def watch(self) -> None:
         if getattr(self, "watcher", None) is not None:
@@ -282,7 +309,7 @@ class Daemon:
         self.trust, self.platform, self.judge = setup.trust, setup.platform, setup.judge
         self.profiles = build_profiles(cfg, self.judge, self.profiles)
         self.rotator.close()
-        self.rotator = rotation.Rotator(self.profiles.default, setup)
+        self.rotator = rotation.Rotator(self.profiles.default, setup, metrics.rotation)
         self.rotator.check("reload")
         for p in self.profiles:
             self._ensure_blob(p)
@@ -293,6 +320,7 @@ class Daemon:
         srv.leases.timeout = srv.limits.lease_timeout
         srv.rate = access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst)
         self.watch()
+        self.watch_drop_dir()
         self.blob_changed(None)  # look at every blob now: a profile just added is decided
         log.info("configuration reloaded", config=self.config_path)
         self.notifier.ready("reloaded; " + self.status_line())
@@ -313,6 +341,8 @@ class Daemon:
         if watchdog is not None:
             watchdog.cancel()
         self.watcher.close()
+        if self.dropdir is not None:
+            await self.dropdir.aclose()
         self.rotator.close()
         self.profiles.close()
         await self.http.close()

@@ -29,6 +29,7 @@ class SharedHold:
     judge: object = None  # the Judge whose verdict allowed these bytes
     epoch: int = 0  # the platform epoch of that verdict
     opened: float = 0.0  # time.monotonic() when made
+    valid_until: float = float("inf")  # wall clock: a date in the blob passes then
     #: Called when the last lease ends (the profile keeps it a moment, or closes it).
     on_idle: Callable[["SharedHold"], None] = lambda hold: hold.close()
     on_close: Callable[["SharedHold"], None] = lambda hold: None
@@ -78,6 +79,8 @@ class LeaseTable:
     on_expire: Callable[[Lease], None] = lambda lease: None
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     live: dict[int, Lease] = field(default_factory=dict)
+    #: Live leases per VM id.
+    per_vm: dict[str, int] = field(default_factory=dict)
     expired: int = 0
     _timer: asyncio.TimerHandle | None = None
 
@@ -86,6 +89,7 @@ class LeaseTable:
         lease = Lease(next(self._ids), vm_id, hold, owner, loop.time() + self.timeout)
         hold.ref()
         self.live[lease.id] = lease
+        self.per_vm[vm_id] = self.per_vm.get(vm_id, 0) + 1
         if self._timer is None:
             self._timer = loop.call_at(lease.deadline, self._sweep, loop)
         return lease
@@ -122,6 +126,11 @@ class LeaseTable:
 
     def _end(self, lease: Lease) -> None:
         del self.live[lease.id]
+        n = self.per_vm[lease.vm_id] - 1
+        if n:
+            self.per_vm[lease.vm_id] = n
+        else:
+            del self.per_vm[lease.vm_id]
         lease.hold.unref()
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ import fnmatch
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable, Iterator, Sequence
 
 import structlog
@@ -82,7 +83,20 @@ class Judge:
             return [Problem("platform", f"platform identity unreadable "
                                         f"({self.platform.error}); nothing can be checked")]
         plat = None if self.platform is None else self.platform.current
-        return policy.check_blob(blob, trust=self.trust, platform=plat)
+        at = datetime.fromtimestamp(time.time(), timezone.utc)  # the clock verdicts expire by
+        return policy.check_blob(blob, trust=self.trust, platform=plat, at=at)
+
+
+def valid_until(blob: bytes) -> float:
+    """The wall-clock time (epoch seconds) at which a verdict on ``blob`` runs out: the
+    earliest notAfter of its certificates and nextUpdate of its CRL (inf: none)."""
+    if blob == table.EMPTY_TABLE:
+        return float("inf")
+    c = policy.parse_blob(blob)
+    ends = [x.not_after.timestamp() for x in (c.ark, c.intermediate, c.leaf) if x is not None]
+    if c.crl is not None and c.crl.crl.next_update_utc is not None:
+        ends.append(c.crl.crl.next_update_utc.timestamp())
+    return min(ends, default=float("inf"))
 
 
 @dataclass
@@ -115,10 +129,16 @@ class Profile:
     decided: bool = False
     store: blobstore.BlobStore = field(init=False)
     _served: bytes = table.EMPTY_TABLE
-    _judged: tuple[object, int, bytes] | None = None  # (judge, epoch, bytes) of the verdict
+    #: (judge, epoch, bytes, valid until (wall clock)) of the last verdict.
+    _judged: tuple[object, int, bytes, float] | None = None
     _draining: SharedHold | None = None  # retired by age: wait for it, then the gap
     _gap_until: float = 0.0
     _settling: bool = False
+    #: Futures of requests waiting for the decision to change (see :meth:`changed`).
+    _waiters: list = field(default_factory=list)
+    _watch: object = None  # certd.inotify.Watcher on the blob's directory, made on demand
+    #: How often waiting requests were woken (tests count it: waits are not polls).
+    wakeups: int = 0
 
     def __post_init__(self) -> None:
         self.store = blobstore.BlobStore(self.blob_path, self.judge.problems)
@@ -167,6 +187,8 @@ class Profile:
             return "judged under another platform or configuration"
         if now - hold.opened > self.holds.max_age and not faults.unsafe("hold-age"):
             return "age"
+        if time.time() >= hold.valid_until:
+            return "a certificate or the CRL in it is no longer valid"
         if faults.unsafe("inode-check"):
             return None
         try:
@@ -193,7 +215,10 @@ class Profile:
             hold.close()
 
     def _new_hold(self, now: float) -> SharedHold | str:
-        pending = self.store.journal()
+        try:
+            pending = self.store.journal()
+        except OSError as e:
+            return self._io_failure(e, "looking for an update journal")
         if pending is not None:
             # An updater died between announcing a change and finishing it: the firmware
             # may have moved. Look again before judging, and fix the file on disk.
@@ -216,19 +241,22 @@ class Profile:
             lock.release()
             return self._io_failure(e, "reading")
         judge = self.judge
-        if self._judged is not None and self._judged == (judge, judge.epoch, blob):
+        j = self._judged
+        if j is not None and j[:3] == (judge, judge.epoch, blob) and time.time() < j[3]:
             problems = list(self.problems)
         else:
             problems = judge.problems(blob) if blob != table.EMPTY_TABLE else []
-            self._judged = (judge, judge.epoch, blob)
-        epoch = judge.epoch
+            self._judged = (judge, judge.epoch, blob, valid_until(blob))
+        epoch, until = judge.epoch, self._judged[3]
         if problems or blob == table.EMPTY_TABLE:
             lock.release()
             self._decide(table.EMPTY_TABLE, problems, "invalid" if problems else "empty")
             return EMPTY
         self._decide(blob, (), "serving")
         self.current = SharedHold(lock, blob, self.generation, judge=judge, epoch=epoch,
-                                  opened=now, on_idle=self._idle, on_close=self._closed)
+                                  opened=now, valid_until=until, on_idle=self._idle,
+                                  on_close=self._closed)
+        self._arm_idle(self.current)  # a hold no lease takes must not keep the lock
         return self.current
 
     def _io_failure(self, e: OSError, doing: str) -> str:
@@ -255,17 +283,20 @@ class Profile:
 
     def _idle(self, hold: SharedHold) -> None:
         """The last lease of ``hold`` ended."""
-        if hold is not self.current:
+        if hold is not self.current or not self._arm_idle(hold):
             hold.close()
-            return
+
+    def _arm_idle(self, hold: SharedHold) -> bool:
+        """Close ``hold`` once it has had no lease for ``holds.idle``; False if there is
+        no event loop to time it (the caller decides)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            hold.close()
-            return
+            return False
         hold.idle_since = time.monotonic()
         if hold.idle_timer is None:
             hold.idle_timer = loop.call_later(self.holds.idle, self._idle_check, hold, loop)
+        return True
 
     def _idle_check(self, hold: SharedHold, loop: asyncio.AbstractEventLoop) -> None:
         hold.idle_timer = None
@@ -285,6 +316,7 @@ class Profile:
             # Leave no shared lock for a moment: a blocked kernel-scheme updater wakes up
             # and takes its exclusive lock before the next hold is made.
             self._gap_until = time.monotonic() + self.holds.gap
+        self._wake()  # waiters re-decide (and arm a timer for the gap)
 
     # -- background repair -----------------------------------------------------------
 
@@ -313,6 +345,62 @@ class Profile:
         loop.run_in_executor(None, lambda: self.store.settle(self.judge.problems)
                              ).add_done_callback(done)
 
+    # -- waiting without polling -----------------------------------------------------
+
+    async def changed(self, timeout: float) -> None:
+        """Return when the decision may have changed, or after ``timeout`` seconds.
+
+        Waits are woken by what ends a BUSY answer, not by polling: the updater closing
+        the gate or the blob it held (inotify ``IN_CLOSE_WRITE``), a blob renamed into
+        place, the gap after a drained hold elapsing, a hold closing. The caller decides
+        again after each return. Call it right after a BUSY decision, with no await in
+        between, so no wake-up can be missed."""
+        loop = asyncio.get_running_loop()
+        if self._watch is None:
+            self._watch_directory(loop)
+        fut = loop.create_future()
+        self._waiters.append(fut)
+        timer = None
+        if self._draining is None and self._gap_until > time.monotonic():
+            timer = loop.call_later(self._gap_until - time.monotonic(), self._wake)
+        elif self._watch is False:  # no inotify here: fall back to a short poll
+            timer = loop.call_later(0.002, self._wake)
+        try:
+            await asyncio.wait((fut,), timeout=max(timeout, 0))
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+    def _watch_directory(self, loop: asyncio.AbstractEventLoop) -> None:
+        from certd import inotify  # only a daemon with waiting requests needs it
+        names = {os.path.basename(self.blob_path), os.path.basename(self.lock.gate)}
+
+        def event(ev: "inotify.Event") -> None:
+            if ev.overflow or ev.gone or ev.name in names:
+                self._wake()
+
+        try:
+            w = inotify.Watcher(event, loop=loop)
+            w.add(os.path.dirname(self.blob_path),
+                  inotify.CLOSE_WRITE | inotify.MOVED_TO | inotify.DELETE)
+        except (OSError, inotify.WatchError) as e:
+            log.warning("cannot watch the blob directory; waiting requests poll",
+                        profile=self.name, error=str(e))
+            self._watch = False
+            return
+        self._watch = w
+
+    def _wake(self) -> None:
+        if not self._waiters:
+            return
+        self.wakeups += 1
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     def look(self) -> str:
         """Decide now, for status and logs: the profile's state, or "busy" while an
         updater is at work (nothing is kept that the decision did not keep anyway)."""
@@ -323,6 +411,10 @@ class Profile:
         for hold in (self.current, self._draining):
             if hold is not None:
                 hold.close()
+        if self._watch:
+            self._watch.close()
+        self._watch = None
+        self._wake()
         self.lock.close()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from certd import __version__
+from certd import __version__, logs
 from certd.abi import table, wire
 from certd.service import access, health, metrics
 from certd.service.leases import Lease, LeaseTable, SharedHold
@@ -47,6 +47,12 @@ class Limits:
     max_leases_per_connection: int = 16
     max_requests_in_flight: int = 64
     max_connections: int = 1024
+    #: Connections one process may have open (a VMM needs one per VM at most).
+    max_connections_per_pid: int = 64
+    #: Live leases one VM id may hold (a guest has one request in flight per VMPL).
+    max_leases_per_vm: int = 4
+    #: A connection that has sent part of a frame must complete it within this time.
+    frame_timeout: float = 3.0
 
 
 @dataclass
@@ -72,14 +78,64 @@ class CertServer:
     counters: Counters = field(default_factory=Counters)
     connections: set["Connection"] = field(default_factory=set)
     accepting: bool = True
+    #: Refusals and protocol errors log at most once a second per peer and kind.
+    log_limit: logs.RateLimited = field(default_factory=logs.RateLimited)
     started: float = field(default_factory=time.monotonic)
     leases: LeaseTable = field(init=False)
+    per_pid: dict[int, int] = field(default_factory=dict)
+    _sweeper: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
         self.leases = LeaseTable(self.limits.lease_timeout, on_expire=self._lease_expired)
 
     def protocol(self) -> "Connection":
         return Connection(self)
+
+    # -- admission: a newcomer always gets in while someone idle can make room
+
+    def admit(self, conn: "Connection") -> str | None:
+        """Register ``conn``, or say why not. At the connection limit the longest-idle
+        connection without leases or waiting requests (a stalled partial frame first) is
+        closed to make room: idle holders cannot lock new VMs out."""
+        lim = self.limits
+        pid = conn.peer.pid if conn.peer else None
+        if pid is not None and self.per_pid.get(pid, 0) >= lim.max_connections_per_pid:
+            return (f"process {pid} already has {lim.max_connections_per_pid} connections "
+                    "(server.max_connections_per_pid)")
+        if len(self.connections) >= lim.max_connections:
+            victim = min((c for c in self.connections if not c.leases and not c.pending),
+                         key=lambda c: (not c.partial_since, c.partial_since or c.last_active),
+                         default=None)
+            if victim is None:
+                return (f"certd serves at most {lim.max_connections} connections and every "
+                        "one has leases or requests in flight")
+            victim.evict("closed to admit a new connection: this one was the longest idle")
+        self.connections.add(conn)
+        if pid is not None:
+            self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+        return None
+
+    def forget(self, conn: "Connection") -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            pid = conn.peer.pid if conn.peer else None
+            if pid is not None:
+                n = self.per_pid.get(pid, 1) - 1
+                if n:
+                    self.per_pid[pid] = n
+                else:
+                    self.per_pid.pop(pid, None)
+
+    def _sweep(self) -> None:
+        """Once a second: close connections stuck inside a frame (slowloris)."""
+        self._sweeper = None
+        limit = time.monotonic() - self.limits.frame_timeout
+        for c in [c for c in self.connections if c.partial_since and c.partial_since < limit]:
+            c.evict(f"no whole frame within {self.limits.frame_timeout:g} s")
+        if self.connections:
+            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     def _lease_expired(self, lease: Lease) -> None:
         log.info("lease expired", lease=lease.id, vm=lease.vm_id,
@@ -119,7 +175,7 @@ class CertServer:
 
 
 class Connection(asyncio.BufferedProtocol):
-    __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases",
+    __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases", "partial_since",
                  "expired_ids", "pending", "idle", "last_active", "log")
 
     def __init__(self, server: CertServer):
@@ -133,6 +189,7 @@ class Connection(asyncio.BufferedProtocol):
         self.pending: dict[int, asyncio.Task] = {}
         self.idle: asyncio.TimerHandle | None = None
         self.last_active = 0.0
+        self.partial_since = 0.0  # when the unfinished frame in the decoder began
         self.log = log
 
     # -- asyncio callbacks
@@ -149,12 +206,12 @@ class Connection(asyncio.BufferedProtocol):
         self.allowed = self.peer is not None and srv.allow.permits(self.peer)
         self.log = log.bind(peer_pid=self.peer.pid if self.peer else None,
                             peer_uid=self.peer.uid if self.peer else None)
-        if len(srv.connections) >= srv.limits.max_connections:
-            self._fail(0, wire.ErrorCode.TOO_MANY_CONNECTIONS,
-                       f"certd serves at most {srv.limits.max_connections} connections")
-            return
-        srv.connections.add(self)
         self._touch()
+        refused = srv.admit(self)
+        if refused is not None:
+            self._note("connections", "warning", "connection refused", why=refused)
+            self._fail(0, wire.ErrorCode.TOO_MANY_CONNECTIONS, refused)
+            return
         self.idle = asyncio.get_running_loop().call_later(srv.limits.idle_timeout,
                                                           self._idle_check)
 
@@ -170,13 +227,18 @@ class Connection(asyncio.BufferedProtocol):
                 msg = dec.next()
             except wire.WireError as err:
                 self.server.counters.protocol_errors += 1
-                self.log.info("protocol error", error=str(err), fatal=err.fatal)
+                self._note("protocol", "info", "protocol error", error=str(err),
+                           fatal=err.fatal)
                 self._send(wire.encode_wire_error(err))
                 if err.fatal:
                     self.close()
                     return
                 continue
             if msg is None:
+                if dec.buffered:
+                    self.partial_since = self.partial_since or self.last_active
+                else:
+                    self.partial_since = 0.0
                 return
             if not self.allowed:
                 self._refuse(msg.request_id)
@@ -203,12 +265,12 @@ class Connection(asyncio.BufferedProtocol):
             self.decoder.eof()
         except wire.WireError as err:
             self.server.counters.protocol_errors += 1
-            self.log.info("protocol error", error=str(err), fatal=True)
+            self._note("protocol", "info", "protocol error", error=str(err), fatal=True)
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
-        srv.connections.discard(self)
+        srv.forget(self)
         ended = srv.leases.release_all(self)
         if ended:
             self.log.debug("connection closed with live leases", released=ended)
@@ -244,7 +306,7 @@ class Connection(asyncio.BufferedProtocol):
         if not srv.rate.allow(msg.vm_id):
             srv.counters.rate_limited += 1
             wait_ms = int(1000 / srv.rate.rate) + 1
-            self.log.info("request refused", vm=msg.vm_id, why="rate limit",
+            self._note("rate", "info", "request refused", vm=msg.vm_id, why="rate limit",
                           rate_per_s=srv.rate.rate)
             self._error(rid, wire.ErrorCode.RATE_LIMITED,
                         f"VM {msg.vm_id!r} exceeds {srv.rate.rate:g} requests/s", arg=wait_ms)
@@ -260,24 +322,24 @@ class Connection(asyncio.BufferedProtocol):
             deadline = srv.limits.request_deadline
             if msg.timeout_ms:
                 deadline = min(deadline, msg.timeout_ms / 1000)
-            task = asyncio.get_running_loop().create_task(self._get_later(msg, profile, deadline))
+            task = asyncio.get_running_loop().create_task(
+                self._get_later(msg, profile, deadline, self.last_active))
             self.pending[rid] = task
             return
         self._answer(msg, profile, got)
 
-    async def _get_later(self, msg: wire.Get, profile: Profile, wait: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        started = self.last_active  # before the first await: the read time of this request
-        delay = 0.0005
+    async def _get_later(self, msg: wire.Get, profile: Profile, wait: float,
+                         started: float) -> None:
+        """Wait for the decision to change (woken, not polling) until the deadline, which
+        counts from when the request's frame arrived (``started``, time.monotonic)."""
+        deadline = started + wait
         try:
             while True:
-                await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
-                delay = min(delay * 2, 0.005)
+                await profile.changed(deadline - time.monotonic())
                 got = profile.lease_source() if self.server.accepting else BUSY
                 if got is not BUSY:
                     break
-                if loop.time() >= deadline:
+                if time.monotonic() >= deadline:
                     metrics.lock_wait("get", time.monotonic() - started)
                     self._reply_eagain(msg.request_id, msg.vm_id,
                                        "an update holds the certificate lock past the deadline",
@@ -314,9 +376,16 @@ class Connection(asyncio.BufferedProtocol):
             metrics.request("get", "enospc", took)
             self.log.debug("answered ENOSPC", vm=msg.vm_id, npages=msg.npages, need=need)
             return
+        if srv.leases.per_vm.get(msg.vm_id, 0) >= srv.limits.max_leases_per_vm:
+            self._note("vm-leases", "info", "request refused", vm=msg.vm_id,
+                       why="too many leases for this VM", limit=srv.limits.max_leases_per_vm)
+            self._error(rid, wire.ErrorCode.TOO_MANY_LEASES,
+                        f"VM {msg.vm_id!r} has {srv.limits.max_leases_per_vm} live leases; "
+                        "RELEASE them first", arg=srv.limits.max_leases_per_vm)
+            return
         if self.leases >= srv.limits.max_leases_per_connection:
             # Here, after any wait: a GET that waited for an updater obeys the limit too.
-            self.log.info("request refused", vm=msg.vm_id, why="too many leases",
+            self._note("leases", "info", "request refused", vm=msg.vm_id, why="too many leases",
                           limit=srv.limits.max_leases_per_connection)
             self._error(rid, wire.ErrorCode.TOO_MANY_LEASES,
                         f"{self.leases} leases are live on this connection; RELEASE some first",
@@ -358,8 +427,8 @@ class Connection(asyncio.BufferedProtocol):
         srv = self.server
         srv.counters.refused += 1
         peer = self.peer.describe() if self.peer else "unknown peer"
-        self.log.warning("connection refused", why="peer not in the allow-list",
-                         allow_uids=sorted(srv.allow.uids), allow_gids=sorted(srv.allow.gids))
+        self._note("access", "warning", "connection refused", why="peer not in the allow-list",
+                   allow_uids=sorted(srv.allow.uids), allow_gids=sorted(srv.allow.gids))
         self._fail(rid, wire.ErrorCode.ACCESS_DENIED,
                    f"{peer} is not allowed to use certd (see [access] in certd.toml)")
 
@@ -373,6 +442,16 @@ class Connection(asyncio.BufferedProtocol):
         self.close()
 
     # -- plumbing
+
+    def _note(self, kind: str, level: str, event: str, **kw: Any) -> None:
+        """Log a refusal or protocol error at most once a second per peer and kind, with
+        the count of lines suppressed since: a flooding client cannot flood the log."""
+        p = self.peer
+        suppressed = self.server.log_limit.allow((kind, p.pid if p else None,
+                                                  p.uid if p else None))
+        if suppressed is not None:
+            getattr(self.log, level)(event, **kw, **({"suppressed": suppressed}
+                                                      if suppressed else {}))
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None:
@@ -398,6 +477,10 @@ class Connection(asyncio.BufferedProtocol):
         self.log.info("closing idle connection", idle_s=self.server.limits.idle_timeout)
         self._fail(0, wire.ErrorCode.IDLE_TIMEOUT,
                    f"no request for {self.server.limits.idle_timeout:g} s")
+
+    def evict(self, why: str) -> None:
+        self._note("evict", "info", "closing connection", why=why)
+        self._fail(0, wire.ErrorCode.IDLE_TIMEOUT, why)
 
     def close(self) -> None:
         if self.transport is not None:

@@ -4,12 +4,13 @@ What it guarantees (docs/fleet.md and docs/configuration.md ``[kds]`` say the sa
 
 * **Sources in order.** ``urls`` (config: ``kds.mirrors`` then ``kds.base_url``) are tried in
   order in each round. 404 means "this source does not have it": the next one is tried.
-* **Retries.** 429 and 5xx answers wait for ``Retry-After`` (seconds or an HTTP date) before
-  that source is asked again; any other failure (404, timeout, connection error, invalid
-  body) waits an exponential backoff with jitter from ``min_backoff_s`` capped at
-  ``max_backoff_s``. Only when every source failed does a round end; the next round starts
-  when the first source is ready again. ``deadline_s=None`` retries for ever (the daemon,
-  one log line per failed attempt); a deadline bounds it (certctl).
+* **Retries.** A source that failed is not asked again before its wait is over: after a
+  429 or 5xx with ``Retry-After`` (seconds or an HTTP date; at least min(1 s,
+  ``min_backoff_s``)) that long, after any other failure (404, timeout, connection error,
+  invalid body, 429/5xx without Retry-After) an exponential backoff with jitter from
+  ``min_backoff_s`` capped at ``max_backoff_s``, counted per source. The next attempt goes
+  to the first source (in order) that is ready. ``deadline_s=None`` retries for ever (the
+  daemon, one log line per failed attempt); a deadline bounds it (certctl).
 * **Validated before use.** A body is used (and cached) only if it parses and the whole
   blob it makes passes :func:`certd.policy.build_blob` for the key asked for: chain to the
   trust store's ARK/ASK, the TCB and the hwID of the request, dates. An error body or an
@@ -22,6 +23,7 @@ What it guarantees (docs/fleet.md and docs/configuration.md ``[kds]`` say the sa
 * **One request per key.** Concurrent fetches of one key share one in-flight future in a
   process, and across processes the fetcher holds an OFD lock on ``.<file>.lock`` beside
   the cache entry: a second process waits for the lock and then finds the entry.
+  A fetch whose last waiter has gone (cancelled, or timed out) stops retrying.
 * **CRLs** go into a blob only while fresh; one past ``refresh_at`` (a quarter of its
   validity, at most a day, before nextUpdate) is fetched again; a stale one is deleted.
 
@@ -63,7 +65,7 @@ from certd.verify import chain as chainmod
 from certd.verify import pki
 
 __all__ = ["KdsClient", "KdsUnavailable", "SourceFailure", "vcek_file_name", "vcek_cache_path",
-           "parse_retry_after", "backoff_delay", "MAX_BODY"]
+           "parse_retry_after", "backoff_delay", "http_get", "MAX_BODY"]
 
 #: Largest body accepted. A VCEK is ~1.3 KB, a CRL a few KB, a cert_chain ~4 KB.
 MAX_BODY = 1 << 20
@@ -219,13 +221,44 @@ def http_get(url: str, timeout_s: float) -> _Response:
 
 # --- files ----------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _cache_owner(root: Path) -> tuple[int, int] | None:
+    """(uid, gid) new cache files and directories get: the cache root's, when we are root
+    and it belongs to someone else (``certctl`` run as root must not leave entries the
+    daemon, User=certd, cannot replace or lock). None: leave ownership alone."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return None if (st.st_uid, st.st_gid) == (0, 0) else (st.st_uid, st.st_gid)
+
+
+def _make_dirs(root: Path, directory: Path) -> None:
+    """``mkdir -p directory`` (inside ``root``), giving each new level the root's owner."""
+    owner = _cache_owner(root)
+    missing = []
+    d = directory
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o755)
+        except FileExistsError:
+            continue  # another process made it meanwhile
+        if owner is not None:
+            os.chown(d, *owner)
+
+
+def _write_atomic(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
     """Temp file in the same directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -243,10 +276,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _read(path: Path) -> bytes | None:
+    """The file's bytes, or None if it cannot be read (missing, or the cache unusable)."""
     try:
         return path.read_bytes()
-    except FileNotFoundError:
+    except OSError:
         return None
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # a cache that cannot be cleaned is re-validated on every read anyway
 
 
 # --- the client -----------------------------------------------------------------------------
@@ -267,11 +308,15 @@ class _Item:
 
 @dataclass
 class _Flight:
-    """An in-flight fetch of one key. ``deadline`` None: until it succeeds or close()."""
+    """An in-flight fetch of one key. ``deadline`` None: until it succeeds, close(), or
+    every waiter has gone (``cancel`` is then set: nobody wants that key any more, e.g. the
+    daemon stopped waiting for the VCEK of a TCB the platform has left)."""
 
     future: concurrent.futures.Future
     deadline: float | None
     failures: list[SourceFailure] = field(default_factory=list)
+    waiters: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class KdsClient:
@@ -297,21 +342,37 @@ class KdsClient:
         self._mutex = threading.Lock()
         self._flights: dict[tuple, _Flight] = {}
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
         #: product -> monotonic time before which a failed CRL fetch is not retried
         self._crl_quiet_until: dict[Product, float] = {}
         #: VCEK HTTP requests this client sent (for tests and `certctl kds --json`)
         self.requests = 0
 
-    @classmethod
-    def from_config(cls, kds_config: Any, *, trust: TrustStore, log: Any = None) -> "KdsClient":
-        """From a :class:`certd.config.KdsConfig`."""
-        c = kds_config
-        return cls(c.urls, c.cache_dir, trust=trust, timeout_s=c.timeout_s,
-                   min_backoff_s=c.min_backoff_s, max_backoff_s=c.max_backoff_s, log=log)
-
     def close(self) -> None:
         """Stop every retry loop (in-flight fetches end with KdsUnavailable)."""
         self._stop.set()
+        with self._mutex:
+            for flight in self._flights.values():
+                flight.cancel.set()
+
+    def fetching(self) -> list[str]:
+        """What is being fetched now (one entry per key in flight)."""
+        with self._mutex:
+            return [" ".join(map(str, key)) for key in self._flights]
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until no fetch thread runs (after close(), or once waiters have gone)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._mutex:
+                threads = [t for t in self._threads if t.is_alive()]
+                self._threads = threads
+            if not threads:
+                return True
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            threads[0].join(left)
 
     # -- what is asked for
 
@@ -415,18 +476,23 @@ class KdsClient:
             kind, why = "http", f"HTTP {r.status}"
         return None, SourceFailure(url, kind, why), retry_after
 
-    def _sleep(self, seconds: float) -> None:
-        if self._stop.wait(max(0.0, seconds)):
-            raise KdsUnavailable("fetch", [SourceFailure("-", "closed", "the client was closed")])
+    def _sleep(self, flight: _Flight, seconds: float) -> None:
+        if flight.cancel.wait(max(0.0, seconds)):
+            why = "the client was closed" if self._stop.is_set() else "nobody waits for it any more"
+            raise KdsUnavailable("fetch", [SourceFailure("-", "closed", why)])
 
     def _fetch(self, item: _Item, flight: _Flight, *, rounds: int | None = None) -> bytes:
-        """Ask the sources until one gives a valid answer, the deadline passes, ``rounds``
-        rounds failed, or close(). Updates ``flight.failures`` as it goes."""
+        """Ask the sources in order until one gives a valid answer, the deadline passes,
+        every source was asked ``rounds`` times, or the fetch is cancelled. Each source
+        waits on its own after a failure (Retry-After, else its backoff); the next attempt
+        goes to the first source that is ready. Updates ``flight.failures`` as it goes."""
         if not self.urls:
             raise KdsUnavailable(item.what, [])
         ready = {u: 0.0 for u in self.urls}
+        fails = {u: 0 for u in self.urls}
         last: dict[str, SourceFailure] = {}
-        n = 0
+        # A server answering "Retry-After: 0" again and again must not make a busy loop.
+        floor = min(1.0, self.min_backoff_s)
         while True:
             for base in self.urls:
                 if ready[base] > time.monotonic():
@@ -436,19 +502,20 @@ class KdsClient:
                     self.log.info("kds fetched", what=item.what, url=item.url(base),
                                   bytes=len(data))
                     return data
-                wait = retry_after if retry_after is not None else backoff_delay(
-                    n, self.min_backoff_s, self.max_backoff_s, self._rng())
+                wait = max(floor, retry_after) if retry_after is not None else backoff_delay(
+                    fails[base], self.min_backoff_s, self.max_backoff_s, self._rng())
+                fails[base] += 1
                 ready[base] = time.monotonic() + wait
                 last[base] = failure
                 flight.failures = [last[u] for u in self.urls if u in last]
                 self.log.warning("kds fetch failed", what=item.what, url=failure.url,
-                                 kind=failure.kind, reason=failure.reason, retry_in_s=round(wait, 3))
-            n += 1
+                                 kind=failure.kind, reason=failure.reason,
+                                 retry_in_s=round(wait, 3))
             wake = min(ready.values())
-            if (rounds is not None and n >= rounds) or (
+            if (rounds is not None and min(fails.values()) >= rounds) or (
                     flight.deadline is not None and wake >= flight.deadline):
                 raise KdsUnavailable(item.what, flight.failures)
-            self._sleep(wake - time.monotonic())
+            self._sleep(flight, wake - time.monotonic())
 
     def _cached(self, item: _Item) -> bytes | None:
         """The cache entry if it still validates; a bad one is removed (and logged)."""
@@ -460,39 +527,64 @@ class KdsClient:
         except _Invalid as e:
             self.log.warning("kds cache entry dropped", what=item.what, path=str(item.path),
                              reason=str(e))
-            item.path.unlink(missing_ok=True)
+            _remove(item.path)
             return None
         return valid if item.current(valid) else None
+
+    def _store(self, item: _Item, data: bytes) -> None:
+        """Cache a validated answer. A cache that cannot be written is logged, not fatal:
+        the answer is still good."""
+        try:
+            _make_dirs(self.cache_dir, item.path.parent)
+            _write_atomic(item.path, data, _cache_owner(self.cache_dir))
+        except OSError as e:
+            self.log.warning("kds cache write failed", what=item.what, path=str(item.path),
+                             reason=e.strerror or str(e))
+
+    def _open_lock(self, item: _Item) -> int | None:
+        """The per-key lock file, opened (created with the cache's owner), or None if the
+        cache directory is unusable (logged; then this process fetches unlocked)."""
+        lock_path = item.path.with_name(f".{item.path.name}.lock")
+        try:
+            _make_dirs(self.cache_dir, lock_path.parent)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            self.log.warning("kds cache lock unusable", what=item.what, path=str(lock_path),
+                             reason=e.strerror or str(e))
+            return None
+        owner = _cache_owner(self.cache_dir)
+        if owner is not None:
+            try:
+                os.fchown(fd, *owner)
+            except OSError:
+                pass  # only a convenience for the daemon; the lock works as it is
+        return fd
 
     def _produce(self, item: _Item, flight: _Flight, rounds: int | None) -> bytes:
         """Cache, else (under the per-key OFD lock) cache again, else fetch and cache."""
         hit = self._cached(item)
         if hit is not None:
             return hit
-        if faults.unsafe("kds-coalesce"):
-            data = self._fetch(item, flight, rounds=rounds)
-            _write_atomic(item.path, data)
-            return data
-        item.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = item.path.with_name(f".{item.path.name}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = None if faults.unsafe("kds-coalesce") else self._open_lock(item)
         try:
             delay = _LOCK_POLL_FIRST
-            while not locks.try_lock(fd, exclusive=True):
+            while fd is not None and not locks.try_lock(fd, exclusive=True):
                 if flight.deadline is not None and time.monotonic() + delay >= flight.deadline:
                     raise KdsUnavailable(item.what, [SourceFailure(
-                        str(lock_path), "busy", "another process is fetching this key and did "
-                        "not finish before the deadline")])
-                self._sleep(delay)
+                        item.path.name + ".lock", "busy", "another process is fetching this "
+                        "key and did not finish before the deadline")])
+                self._sleep(flight, delay)
                 delay = min(delay * 2, _LOCK_POLL_CAP)
-            hit = self._cached(item)  # the process we waited for fetched it
-            if hit is not None:
-                return hit
+            if fd is not None:
+                hit = self._cached(item)  # the process we waited for fetched it
+                if hit is not None:
+                    return hit
             data = self._fetch(item, flight, rounds=rounds)
-            _write_atomic(item.path, data)
+            self._store(item, data)
             return data
         finally:
-            os.close(fd)  # closing the only descriptor drops the OFD lock
+            if fd is not None:
+                os.close(fd)  # closing the only descriptor drops the OFD lock
 
     # -- coalescing
 
@@ -501,10 +593,13 @@ class KdsClient:
         with self._mutex:
             flight = None if faults.unsafe("kds-coalesce") else self._flights.get(item.key)
             if flight is not None:
+                flight.waiters += 1
                 return flight
             fut: concurrent.futures.Future = concurrent.futures.Future()
             fut.set_running_or_notify_cancel()  # a waiter's cancel must not cancel the fetch
-            flight = _Flight(fut, deadline)
+            flight = _Flight(fut, deadline, waiters=1)
+            if self._stop.is_set():
+                flight.cancel.set()
             if not faults.unsafe("kds-coalesce"):
                 self._flights[item.key] = flight
 
@@ -512,16 +607,33 @@ class KdsClient:
             try:
                 result = self._produce(item, flight, rounds)
             except BaseException as e:  # delivered to every waiter
-                with self._mutex:
-                    self._flights.pop(item.key, None)
+                self._land(item.key, flight)
                 fut.set_exception(e)
             else:
-                with self._mutex:
-                    self._flights.pop(item.key, None)
+                self._land(item.key, flight)
                 fut.set_result(result)
 
-        threading.Thread(target=run, name=f"kds-{item.key[0]}", daemon=True).start()
+        thread = threading.Thread(target=run, name=f"kds-{item.key[0]}", daemon=True)
+        with self._mutex:
+            self._threads.append(thread)
+        thread.start()
         return flight
+
+    def _land(self, key: tuple, flight: _Flight) -> None:
+        with self._mutex:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+    def _leave(self, key: tuple, flight: _Flight) -> None:
+        """A waiter stopped waiting; the last one to go before the end abandons the fetch
+        (a later request for the key starts afresh, reading what the cache has by then)."""
+        with self._mutex:
+            flight.waiters -= 1
+            if flight.waiters > 0 or flight.future.done():
+                return
+            flight.cancel.set()
+            if self._flights.get(key) is flight:
+                del self._flights[key]
 
     def _obtain_steps(self, item: _Item, deadline: float | None, rounds: int | None = None
                       ) -> Generator[tuple[concurrent.futures.Future, float | None], bool, bytes]:
@@ -530,7 +642,10 @@ class KdsClient:
         while True:
             flight = self._join(item, deadline, rounds)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done = yield flight.future, timeout
+            try:
+                done = yield flight.future, timeout
+            finally:  # also when the waiter is cancelled (the generator is closed)
+                self._leave(item.key, flight)
             if not done:
                 raise KdsUnavailable(item.what, flight.failures or [SourceFailure(
                     "-", "busy", "deadline passed while another request fetched this key")])
@@ -553,6 +668,8 @@ class KdsClient:
                 fut, timeout = steps.send(bool(done))
         except StopIteration as stop:
             return stop.value
+        finally:
+            steps.close()
 
     async def _obtain(self, item: _Item, deadline: float | None, rounds: int | None = None) -> bytes:
         steps = self._obtain_steps(item, deadline, rounds)
@@ -566,6 +683,8 @@ class KdsClient:
                 fut, timeout = steps.send(bool(done))
         except StopIteration as stop:
             return stop.value
+        finally:
+            steps.close()  # a cancelled waiter leaves the flight
 
     # -- CRLs
 
@@ -593,7 +712,7 @@ class KdsClient:
             if cached is None or chainmod.crl_problems(cached, trust=self.trust, at=now):
                 self.log.info("kds CRL dropped", what=item.what, path=str(item.path),
                               reason="stale or invalid")
-                item.path.unlink(missing_ok=True)
+                _remove(item.path)
                 cached = None
             elif now < self.refresh_at(cached.crl):
                 return cached.der

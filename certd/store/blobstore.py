@@ -248,6 +248,12 @@ class BlobStore:
         self.lock = locks.BlobLock(self.path)
         self._fault_hook = fault
         self._temp_re = journal.temp_pattern(self.name)
+        self.journal_path = journal.journal_path(self.path)
+        #: The exclusive hold while an update's change runs, else None: a change that runs
+        #: a command passes it to ``certd.store.nested.run_command(store.hold, cmd)`` so
+        #: that a ``certctl install`` in the command adopts it (and its new blob stays
+        #: locked until the update ends).
+        self.hold: locks.Hold | None = None
 
     # -- test hook
 
@@ -272,7 +278,7 @@ class BlobStore:
         """The journal of an update not yet settled, or None. One ``open`` when there is
         none. A journal whose writer still holds the gate is an update in progress; any
         other is the trace of one that died: :meth:`settle` the blob."""
-        return journal.read(self.path)
+        return journal.read_file(self.journal_path)
 
     # -- temp files
 
@@ -479,9 +485,11 @@ class BlobStore:
             try:
                 current = self._current(hold)
                 res.change_started_ns = time.monotonic_ns()
+                self.hold = hold
                 try:
                     blob = change(current)
                 finally:
+                    self.hold = None
                     res.change_ended_ns = time.monotonic_ns()
                 if blob is not None:
                     blob = bytes(blob)

@@ -19,6 +19,7 @@ then says what is wrong with it).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -27,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from certd import faults
+
+_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR})
 
 #: Largest journal :func:`read` parses; a bigger file is garbage (and still pending).
 MAX_JOURNAL = 4096
@@ -110,14 +113,21 @@ def write(blob_path: str, what: str) -> JournalInfo | None:
 
 
 def read(blob_path: str) -> JournalInfo | None:
-    """The pending journal, or None. One ``open`` when there is none (the daemon calls this
-    before every new shared hold). Never raises for a garbage journal: it is pending too."""
-    path = journal_path(blob_path)
+    """The pending journal of the blob at ``blob_path``, or None (see :func:`read_file`)."""
+    return read_file(journal_path(blob_path))
+
+
+def read_file(path: str) -> JournalInfo | None:
+    """The journal at ``path``, or None. One ``open`` when there is none (the daemon calls
+    this before every new shared hold). Never raises for a garbage journal: it is pending
+    too."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno in _TRANSIENT:
+            raise  # out of descriptors or memory: says nothing about the journal
         return _garbage(path, f"cannot be opened: {e.strerror}")
     try:
         raw = os.read(fd, MAX_JOURNAL + 1)
