@@ -164,6 +164,8 @@ lease_timeout_ms = {p.lease_timeout_ms}
 rate_per_vm = 1000
 rate_burst = 1000
 max_connections = 8192
+# One simulated VMM process stands for many QEMUs (one connection per VM).
+max_connections_per_pid = 1024
 
 [access]
 allow_uids = [{os.getuid()}]
