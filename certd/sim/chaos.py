@@ -114,7 +114,7 @@ def firmware_command(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
 def fw_update(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
     """``certctl fw-update``: prefetch the VCEK, lock, firmware step, install, release."""
     return [CERTCTL, "fw-update", "--config", str(paths.config), "--expect-tcb",
-            str(tcb).replace(" ", ","), "--timeout", "5", "--lock-timeout",
+            str(tcb).replace(" ", ","), "--lock-timeout",
             str(p.updater_timeout), "--json", "--", *firmware_command(paths, tcb, p)]
 
 
