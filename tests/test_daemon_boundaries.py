@@ -183,12 +183,6 @@ def wait_closed(pid: int, path: Path, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.xfail(strict=True, reason="certd/store/journal.py read() (line 120) takes any "
-                   "OSError opening the journal but ENOENT for a garbage journal, so EMFILE "
-                   "(no journal exists) makes Profile._new_hold call _settle_later, whose "
-                   "loop.run_in_executor fails (EMFILE importing concurrent.futures.thread) "
-                   "and escapes lease_source: the GET is answered INTERNAL with a traceback "
-                   "logged, not EAGAIN (BUGS.md #5)")
 def test_emfile_in_the_request_path_is_answered_and_logged(tmp_path):
     """The daemon out of descriptors (its RLIMIT_NOFILE lowered to what it has open): a GET
     that must open the blob is answered EAGAIN (transient) and logged; the connection

@@ -37,12 +37,12 @@ NO_AGE = {"hold_max_age_ms": 60000}
 
 
 def gets(socket_path: str, n: int = 5, vm: str = "vm-new") -> list[clientmod.GetResult]:
-    """``n`` new GETs on a fresh connection; each lease is released after the next GET is
-    answered (so they too overlap the live hold)."""
+    """``n`` new GETs on a fresh connection (one VM id each: a VM holds few leases); each
+    lease is released only after the last GET is answered (so they overlap the live hold)."""
     out = []
     with clientmod.Client(socket_path) as c:
-        for _ in range(n):
-            out.append(c.get(vm, 4))
+        for i in range(n):
+            out.append(c.get(f"{vm}-{i}", 4))
         for r in out:
             if r.lease_id:
                 c.release(r.lease_id)
