@@ -65,8 +65,12 @@ def test_short_chaos_run_is_never_wrong():
 
 
 def test_early_release_is_caught(monkeypatch):
+    # The same run, with the firmware command taking 300 ms more after moving the TCB: the
+    # window between the early release and the install must be hit by some guest. (certd
+    # itself repairs fast now: it takes the early-released updater's journal for a dead
+    # updater's and settles, so mostly file-face readers are caught.)
     monkeypatch.setenv("CERTD_FAULT", "early-release")
-    r = run(seed=None)
+    r = run(seed=None, hold_ms=300)
     assert_ran(r, 1)  # an update whose lock is gone may also fail: the fault breaks it
     assert r.counters.mismatches > 0
     assert report.exit_code(r) == exitcodes.CHECK_FAILED
@@ -91,9 +95,10 @@ KILLED_AFTER_FIRMWARE = dict(vms=12, updates=2, daemon_kills=0, updater_kills=1,
                              updater_kill_when="after-firmware", vmm_processes=1)
 
 
-def assert_stale_kill(r: chaos.RunResult) -> None:
+def assert_killed_after_firmware(r: chaos.RunResult) -> None:
+    """The first updater died with the PSP on the new key and its blob not installed."""
     killed = r.updates[0]
-    assert killed.killed_after_ms is not None and killed.stale, r.updates
+    assert killed.exit_code == -9 and killed.after_firmware, r.updates
     assert r.updates[1].exit_code == 0 and r.counters.errors == 0
 
 
@@ -101,7 +106,7 @@ def test_updater_killed_after_the_firmware_step_socket_face():
     """certd observes the platform: the stale blob is judged against the new TCB and
     not served (empty table until the next update or the rotator's fetch)."""
     r = run(socket_share=1.0, **KILLED_AFTER_FIRMWARE)
-    assert_stale_kill(r)
+    assert_killed_after_firmware(r)
     assert r.counters.verified > 0
     assert r.counters.mismatches == 0, r.counters.details
 
@@ -111,14 +116,14 @@ def test_updater_killed_after_the_firmware_step_socket_face_without_observing():
     served with the new key. (certd alone: fw-update needs the observation to work.)"""
     r = run(socket_share=1.0, daemon_env={"CERTD_UNSAFE": "platform-observe"},
             **KILLED_AFTER_FIRMWARE)
-    assert r.updates[0].killed_after_ms is not None, r.updates
+    assert_killed_after_firmware(r)
     assert r.counters.mismatches > 0
 
 
 @pytest.mark.xfail(strict=False, reason=FILE_FACE_WINDOW)
 def test_updater_killed_after_the_firmware_step_file_face():
     r = run(socket_share=0.0, **KILLED_AFTER_FIRMWARE)
-    assert_stale_kill(r)
+    assert_killed_after_firmware(r)
     assert r.counters.mismatches == 0, r.counters.details
 
 

@@ -274,7 +274,9 @@ class UpdateRecord:
     lock_wait_ms: float | None = None
     held_ms: float | None = None
     total_ms: float = 0.0
-    #: After a kill: did the firmware change while the old blob stayed (a stale blob)?
+    #: After a kill: had the firmware step run (the PSP signs with the new key)?
+    after_firmware: bool | None = None
+    #: ... and was the old blob still at the path when the harness looked, just after?
     stale: bool | None = None
     #: Where fw-update got the certificate (cache, kds, ...; None: not reported).
     source: str | None = None
@@ -461,6 +463,7 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                     out = proc.stdout.read()
                     after = platformmod.load(paths.platform).reported_tcb
                     blob_tcb = pspmod.leaf_tcb(paths.blob.read_bytes(), product)
+                    rec.after_firmware = rec.killed_after_ms is not None and after == new
                     rec.stale = blob_tcb is not None and blob_tcb != after
                     if rec.stale:
                         log(f"update {n}: updater killed after {rec.killed_after_ms:.0f} ms, "

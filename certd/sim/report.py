@@ -46,6 +46,7 @@ def as_json(r: RunResult) -> dict:
             "run": len(ups),
             "completed": sum(u.exit_code == 0 for u in ups),
             "killed": sum(u.killed_after_ms is not None for u in ups),
+            "killed_after_firmware": sum(bool(u.after_firmware) for u in ups),
             "stale_after_kill": sum(bool(u.stale) for u in ups),
             "lock_wait_ms": _stats([u.lock_wait_ms for u in ups]),
             "exclusive_ms": _stats([u.held_ms for u in ups]),
@@ -100,7 +101,8 @@ def text(r: RunResult) -> str:
         f"  longest wait for one report: {c.max_wait_ms:.0f} ms",
         f"by guest: {kinds}; by face: {faces}",
         f"firmware updates: {u['completed']} of {u['run']} completed, {u['killed']} killed"
-        + (f" ({u['stale_after_kill']} left a stale blob)" if u["killed"] else "")
+        + (f" ({u['killed_after_firmware']} after the firmware step, "
+           f"{u['stale_after_kill']} leaving a stale blob)" if u["killed"] else "")
         + (f"; lock wait p50 {wait['p50']} ms, max {wait['max']} ms" if wait else "")
         + (f"; exclusive section p50 {excl['p50']} ms, max {excl['max']} ms" if excl else "")
         + (f" ({nocmd['p50']} / {nocmd['max']} ms without the firmware command)"
