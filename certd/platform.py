@@ -313,8 +313,8 @@ class PlatformSource:
 
     def observe(self, force: bool = False) -> bool:
         """Look at the platform now; True if its identity changed (epoch bumped)."""
-        if self.kind == "fixed" or faults.unsafe("platform-observe"):
-            return False
+        if self.kind == "fixed" or (faults.unsafe("platform-observe") and self.epoch):
+            return False  # unsafe: keep the identity of the first read (a snapshot)
         if self.kind == "file":
             key = self._file_key()
             if not force and key is not None and key == self._key:

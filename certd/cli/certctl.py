@@ -17,7 +17,7 @@ from certd.cli.common import CliError, report_error
 
 #: Subcommand modules, in the order --help lists them.
 COMMANDS = ("build", "show", "verify", "install", "rollback", "lock", "fw-update", "kds",
-            "fetch", "status")
+            "fetch", "status", "demo")
 
 DESCRIPTION = """\
 certctl manages the SEV-SNP certificate blob that certd serves to VMMs and that a stock
