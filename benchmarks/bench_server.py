@@ -210,6 +210,7 @@ lease_timeout_ms = 2000
 request_deadline_ms = 100
 max_leases_per_connection = 16
 max_connections = 4096
+max_connections_per_pid = 4096   # one loadgen process stands for many VMMs
 # rate_per_vm must be > 0: the largest value the configuration accepts, so the token
 # bucket never refuses (the bench is about the request path, not the limiter).
 rate_per_vm = 1000000

@@ -14,9 +14,10 @@ only if all of these still hold *now*:
   reload, a firmware update, a TCB change or a VLEK load seen since makes it stale);
 * the inode it locked is still the file at the path, with the same size, mtime and
   ctime (a file replaced, deleted or rewritten in place behind certd's back);
-* it is younger than ``max_age``: past that, new leases wait for it to drain and the
-  profile leaves a short gap before locking again, so an updater that knows only the
-  kernel's scheme (a blocking exclusive OFD lock, no gate) gets in under any load.
+* no updater that knows only the kernel's scheme (a blocking exclusive OFD lock, no gate)
+  is waiting for its inode (looked up in /proc/locks every ``max_age``), and it is younger
+  than ``drain_every`` max ages: otherwise new leases wait for it to drain and the profile
+  leaves a short gap before locking again, so such an updater gets in under any load.
 
 Otherwise the hold is retired (no lease joins it again; it closes when its last lease
 ends) and a new one is made: platform observed again, the blob locked, read (bounded) and
@@ -105,6 +106,8 @@ class HoldPolicy:
 
     max_age: float = 0.100
     gap: float = 0.002
+    #: Without a blocked updater in sight, a hold still drains after this many max_ages.
+    drain_every: int = 10
     #: A hold with no lease is kept this long for the next request, then closed.
     idle: float = 0.005
 
@@ -185,8 +188,13 @@ class Profile:
         if (hold.judge is not self.judge or hold.epoch != self.judge.epoch) \
                 and not faults.unsafe("hold-epoch"):
             return "judged under another platform or configuration"
-        if now - hold.opened > self.holds.max_age and not faults.unsafe("hold-age"):
-            return "age"
+        if now - hold.checked > self.holds.max_age and not faults.unsafe("hold-age"):
+            # Every max_age: drain if an updater waits in the kernel for this inode, and
+            # at the latest every drain_every max_ages (an updater that polls is not seen).
+            hold.checked = now
+            if now - hold.opened > self.holds.max_age * self.holds.drain_every or \
+                    locks.writer_blocked(hold.lock.stat):
+                return "age"
         if time.time() >= hold.valid_until:
             return "a certificate or the CRL in it is no longer valid"
         if faults.unsafe("inode-check"):
@@ -249,7 +257,8 @@ class Profile:
             return EMPTY
         self._decide(blob, (), "serving")
         self.current = SharedHold(lock, blob, self.generation, judge=judge, epoch=epoch,
-                                  opened=now, valid_until=until, on_idle=self._idle,
+                                  opened=now, checked=now, valid_until=until,
+                                  on_idle=self._idle,
                                   on_close=self._closed)
         self._arm_idle(self.current)  # a hold no lease takes must not keep the lock
         return self.current

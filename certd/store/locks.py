@@ -202,6 +202,19 @@ def holds_exclusive(fd: int, path: str) -> bool:
     return conflicting_lock(fd, True) == fcntl.F_UNLCK
 
 
+def writer_blocked(st: os.stat_result, proc_locks: str = "/proc/locks") -> bool:
+    """True if some process is blocked in a lock wait on this inode (``F_OFD_SETLKW`` or
+    ``F_SETLKW``: an updater that follows the kernel's scheme and knows nothing of the
+    gate). The kernel lists such waiters in /proc/locks as ``->`` lines. Unreadable:
+    True, so the caller errs on the side of letting an updater in."""
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    try:
+        with open(proc_locks, encoding="ascii", errors="replace") as f:
+            return any(" -> " in line and ident in line for line in f)
+    except OSError:
+        return True
+
+
 def same_file(fd: int, path: str) -> os.stat_result | None:
     """fstat of ``fd`` if it is the file now at ``path`` and still linked, else None."""
     st = os.fstat(fd)
