@@ -31,6 +31,10 @@ from certd.abi import wire
 
 DEFAULT_PATH = Path("/etc/certd/certd.toml")
 
+#: The largest valid request frame (a GET with a 64-byte VM id): ``server.max_frame``
+#: cannot be set below it, or valid requests would be refused.
+LARGEST_REQUEST = wire.HEADER_SIZE + wire.GET_FIXED_SIZE + wire.MAX_VM_ID
+
 #: ``sun_path`` is 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
 
@@ -300,8 +304,9 @@ class ServerConfig:
         _int(1, 600_000), "a lease not released within this time is ended and logged"))
     idle_timeout_s: float = field(default=300.0, metadata=_key(
         _number(0, 86_400), "close a connection with no request and no lease for this long"))
-    max_frame: int = field(default=65536, metadata=_key(
-        _int(4096, wire.MAX_FRAME), "largest frame accepted from a client, bytes"))
+    max_frame: int = field(default=wire.MAX_REQUEST_FRAME, metadata=_key(
+        _int(LARGEST_REQUEST, wire.MAX_REQUEST_FRAME),
+        "largest frame accepted from a client, bytes (header included)"))
     max_leases_per_connection: int = field(default=16, metadata=_key(
         _int(1, 65_536), "leases one connection may hold at once"))
     max_connections: int = field(default=1024, metadata=_key(

@@ -11,6 +11,7 @@ from pathlib import Path
 from certd import __version__, config as configmod, logs
 from certd.abi.product import Product
 from certd import exitcodes
+from certd.cli.certinfo import product_arg
 
 DESCRIPTION = """\
 certd serves SEV-SNP certificate tables (ARK, ASK/ASVK, VCEK/VLEK, CRL) to VMMs that
@@ -35,22 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", default=None,
                    help=f"configuration file (default {configmod.DEFAULT_PATH})")
     p.add_argument("--check-config", nargs="?", const="", metavar="FILE",
-                   help="check a configuration file, print OK or every problem with its "
-                        "line, and exit (0 or 78)")
+                   help="check a configuration file and what it refers to (platform file "
+                        "or /dev/sev, [trust] roots, writable directories); print OK or "
+                        "every problem, and exit 0 or 78")
     p.add_argument("--dev", action="store_true",
                    help="development mode: generated AMD-like PKI, simulated platform, "
                         "temporary paths (printed at start)")
     p.add_argument("--dev-dir", metavar="DIR",
                    help="with --dev: keep the development files here instead of a "
                         "temporary directory removed at exit")
-    p.add_argument("--product", default="Milan", type=Product.parse,
-                   help="with --dev: product line to simulate (Milan, Genoa, Turin)")
+    p.add_argument("--product", type=product_arg,
+                   help="with --dev: product line to simulate: Milan (default), Genoa "
+                        "(also Siena, Bergamo) or Turin")
     p.add_argument("--version", action="version", version=f"certd {__version__}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.dev and (args.product is not None or args.dev_dir is not None):
+        parser.error("--product and --dev-dir work only with --dev")
     from certd.service import daemon, devmode  # the daemon stack loads only when used
 
     if args.check_config is not None:
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = Path(args.dev_dir) if args.dev_dir else Path(
             tempfile.mkdtemp(prefix="certd-dev-"))
         try:
-            setup = devmode.prepare(directory, args.product)
+            setup = devmode.prepare(directory, args.product or Product.MILAN)
             logs.configure(setup.config.log.level, setup.config.log.format)
             ctx = daemon.Context(trust=setup.trust,
                                  on_ready=lambda: devmode.print_banner(setup))

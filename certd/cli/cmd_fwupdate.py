@@ -4,14 +4,14 @@ guest can see the new key."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from certd import config as configmod, exitcodes
 from certd.abi import table
 from certd.abi.tcb import Tcb
 from certd.cli import certinfo
-from certd.cli.common import CliError, add_json_flag, emit, run_command
+from certd.cli.common import (CliError, add_json_flag, emit, load_config, nonnegative,
+                               run_command)
 from certd.store import blobstore, locks
 
 HELP = "run a firmware-update command under the exclusive lock and install the matching blob"
@@ -73,16 +73,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def nonnegative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more seconds")
-    return v
-
-
 def parse_tcb(text: str) -> Tcb:
     """``bl=N,tee=N,snp=N,ucode=N[,fmc=N]`` as a Tcb."""
     fields: dict[str, int] = {}
@@ -102,16 +92,6 @@ def parse_tcb(text: str) -> Tcb:
         return Tcb(**fields)
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
-
-
-def load_config(path: str) -> configmod.Config:
-    if not Path(path).exists():
-        raise CliError(f"configuration {path} does not exist (give --config FILE)",
-                       exitcodes.NOINPUT)
-    try:
-        return configmod.load(path)
-    except configmod.ConfigError as e:
-        raise CliError(str(e), exitcodes.CONFIG) from None
 
 
 def run(args: argparse.Namespace) -> int:
