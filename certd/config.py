@@ -748,8 +748,13 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
     return parse(text, source)
 
 
-def check_main(path: str | Path = DEFAULT_PATH) -> int:
-    """``certd --check-config``: print OK or every problem; return 0 or 78 (CONFIG)."""
+def check_main(path: str | Path = DEFAULT_PATH,
+               refers: Callable[[Config], list[str]] | None = None) -> int:
+    """``certd --check-config``: print OK or every problem; return 0 or 78 (CONFIG).
+
+    ``refers(cfg)`` checks what the configuration refers to (files, devices, directories)
+    and returns one line per problem; the caller passes it (those checks live above this
+    layer)."""
     # Imported here: config sits below the CLI layer; only this entry point needs exit codes.
     from certd import exitcodes
 
@@ -757,6 +762,12 @@ def check_main(path: str | Path = DEFAULT_PATH) -> int:
         cfg = load(path)
     except ConfigError as e:
         print(f"certd: invalid configuration:\n{e}", file=sys.stderr)
+        return exitcodes.CONFIG
+    problems = refers(cfg) if refers is not None else []
+    if problems:
+        print(f"certd: {cfg.source} parses, but what it refers to is not usable "
+              "(a restart cannot fix this):\n" + "\n".join(f"  {p}" for p in problems),
+              file=sys.stderr)
         return exitcodes.CONFIG
     n = len(cfg.profiles)
     print(f"{cfg.source}: OK ({n} profile{'s' if n != 1 else ''})")
