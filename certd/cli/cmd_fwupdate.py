@@ -121,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
             return None  # nothing to install: the store keeps the blob if it still fits
         got, source = setup.blob_for(after, deadline_s=args.timeout)
         outcome["source"] = source
-        return got if got is not None else table.EMPTY_TABLE
+        # None: the store keeps the current blob if it fits the platform now (a no-op CMD
+        # on a host without KDS keeps serving), else installs the empty table.
+        return got
 
     try:
         r = store.update(change, timeout=args.lock_timeout, what="certctl fw-update")
