@@ -9,10 +9,8 @@ import argparse
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,8 @@ from certd import config as configmod, exitcodes
 from certd.abi import wire
 from certd.cli import certctl as certctl_main, common
 from certd.store import locks
-from daemon_support import (BIN, VECTORS, Notifications, config_text, make_daemon,
-                            status_of, vector_blob, vector_platform)
+from daemon_support import (BIN, VECTORS, config_text, listening_socket, make_daemon,
+                            start_daemon, status_of, vector_blob, vector_platform)
 from certd import platform as platformmod
 
 ROOT = Path(__file__).parent.parent
@@ -292,7 +290,7 @@ def test_check_config_good(tmp_path):
 @pytest.mark.parametrize("case", ["platform_missing", "platform_malformed", "sev_missing",
                                   "auto_nothing", "trust_roots", "cache_dir_under_file",
                                   "drop_dir_read_only", "blob_dir_read_only"])
-def test_check_config_refuses_what_a_restart_cannot_fix(tmp_path, ro_mount, case):
+def test_check_config_refuses_what_a_restart_cannot_fix(tmp_path, ro_mount, case, capsys):
     d = tmp_path / "c"
     d.mkdir()
     platformmod.save(vector_platform(), d / "platform.toml")
@@ -321,6 +319,7 @@ def test_check_config_refuses_what_a_restart_cannot_fix(tmp_path, ro_mount, case
     assert "a restart cannot fix this" in p.stderr and needle in p.stderr, p.stderr
     # Negative control: the syntax-only check (no look at what the file refers to) passes.
     assert configmod.check_main(path) == exitcodes.OK
+    capsys.readouterr()  # its "OK" line is not a figure
 
 
 def test_check_config_accepts_directories_it_can_create(tmp_path):
@@ -527,44 +526,12 @@ def test_socket_of_a_newer_process_is_not_removed(tmp_path):
         daemon.stop()
 
 
-#: Put fd argv[1] at 3, set LISTEN_PID to our pid and exec argv[2:] (same pid): what
-#: systemd does for a socket-activated service.
-ACTIVATE = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
-            "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])")
-
-
-def start_activated(daemon, listener: socket.socket) -> subprocess.Popen:
-    """Start certd with ``listener`` as fd 3 and LISTEN_PID set to its own pid (as
-    systemd passes a socket); READY awaited on a fake NOTIFY_SOCKET."""
-    daemon.config_path.write_text(daemon.config_text)
-    daemon.notify = Notifications.open()
-    fd = listener.fileno()
-    env = {**os.environ, "NOTIFY_SOCKET": daemon.notify.address, "LISTEN_FDS": "1",
-           "LISTEN_FDNAMES": "certd"}
-    daemon.log_path = daemon.dir / "certd.log"
-    log = open(daemon.log_path, "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", ACTIVATE, str(fd), CERTD, "--config", str(daemon.config_path)],
-        env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    daemon.proc = proc
-    daemon.notify.wait_for("READY=1")
-    return proc
-
-
-def bound_listener(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
-    s.listen(64)
-    return s
-
-
 def test_activated_socket_is_kept_on_exit(tmp_path):
     """Negative control of the removal: a socket systemd passed belongs to systemd."""
     daemon = make_daemon(tmp_path / "d")
-    listener = bound_listener(daemon.socket)
+    listener = listening_socket(daemon.socket)
     try:
-        start_activated(daemon, listener)
+        start_daemon(daemon, listener=listener)
         assert '"activated": true' in daemon.log()
         assert daemon.stop() == 0
         assert os.path.exists(daemon.socket)

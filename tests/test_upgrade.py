@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,42 +31,45 @@ import pytest
 from certd import client as clientmod, platform as platformmod, policy
 from certd.abi import table, wire
 from certd.amd import roots
-from daemon_support import (BIN, NO_RATE_LIMIT, Notifications, make_daemon, status_of,
-                            vector_platform, with_server_keys)
+from daemon_support import (BIN, NO_RATE_LIMIT, listening_socket, make_daemon, start_daemon,
+                            status_of, vector_platform, with_server_keys)
 
 ROOT = Path(__file__).parent.parent
 #: The previous release: the last commit before the issue-10 work.
 PREV = "50cfccf"
 PREV_VENV = Path(f"/var/cache/certd-prev-{PREV}")
 
-#: Put fd argv[1] at 3, set LISTEN_PID to our own pid and exec argv[2:] (same pid): what
-#: systemd does for a socket-activated service.
-ACTIVATE = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
-            "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])")
-
 
 @pytest.fixture(scope="module")
 def prev_bin(tmp_path_factory) -> Path:
     """bin/ of a venv with the previous release installed (built once, then cached)."""
     certd = PREV_VENV / "bin" / "certd"
-    if not certd.exists():
-        src = tmp_path_factory.mktemp("prev-src")
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", PREV],
-                                 capture_output=True, timeout=120)
-        if archive.returncode != 0:
-            pytest.skip(f"commit {PREV} is not in this checkout: {archive.stderr.decode()}")
-        tar = src / "prev.tar"
-        tar.write_bytes(archive.stdout)
-        with tarfile.open(tar) as t:
-            t.extractall(src / "tree", filter="data")
-        tmp_venv = PREV_VENV.with_name(PREV_VENV.name + f".tmp{os.getpid()}")
-        subprocess.run([sys.executable, "-m", "venv", str(tmp_venv)], check=True, timeout=120)
-        subprocess.run([str(tmp_venv / "bin" / "pip"), "install", "-q", str(src / "tree")],
-                       check=True, timeout=600, capture_output=True)
-        os.replace(tmp_venv, PREV_VENV)  # whole or not at all: a killed build is not cached
+    done = PREV_VENV / ".certd-test-complete"  # written last: a killed build is not reused
+    with open(f"{PREV_VENV}.lock", "w") as lock:  # two test runs do not build it at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            _build_prev(tmp_path_factory.mktemp("prev-src"))
+        done.write_text(PREV + "\n")
     out = subprocess.run([str(certd), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "certd" in out.stdout
     return certd.parent
+
+
+def _build_prev(src: Path) -> None:
+    """The previous release from git (git archive, no worktree) into PREV_VENV."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", PREV],
+                             capture_output=True, timeout=120)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {PREV} is not in this checkout: {archive.stderr.decode()}")
+    tar = src / "prev.tar"
+    tar.write_bytes(archive.stdout)
+    with tarfile.open(tar) as t:
+        t.extractall(src / "tree", filter="data")
+    shutil.rmtree(PREV_VENV, ignore_errors=True)
+    # Built in place: a venv's scripts name its interpreter by absolute path.
+    subprocess.run([sys.executable, "-m", "venv", str(PREV_VENV)], check=True, timeout=120)
+    subprocess.run([str(PREV_VENV / "bin" / "pip"), "install", "-q", str(src / "tree")],
+                   check=True, timeout=600, capture_output=True)
 
 
 class Load:
@@ -163,28 +168,6 @@ class Load:
         return sum(1 for when, _ in self.ok if when > t)
 
 
-def start(daemon, certd: Path, listener=None) -> subprocess.Popen:
-    """``certd --config`` from ``certd`` (a console script), on ``listener`` passed as fd 3
-    when given; returns once it sent READY=1."""
-    daemon.config_path.write_text(daemon.config_text)
-    if daemon.notify is not None:
-        daemon.notify.close()
-    daemon.notify = Notifications.open()
-    daemon.log_path = daemon.dir / "certd.log"
-    env = {**os.environ, "NOTIFY_SOCKET": daemon.notify.address}
-    cmd = [str(certd), "--config", str(daemon.config_path)]
-    fds: tuple[int, ...] = ()
-    if listener is not None:
-        env.update(LISTEN_FDS="1", LISTEN_FDNAMES="certd")
-        cmd = [sys.executable, "-c", ACTIVATE, str(listener.fileno())] + cmd
-        fds = (listener.fileno(),)
-    with open(daemon.log_path, "ab") as log:
-        daemon.proc = subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
-                                       stdout=log, stderr=subprocess.STDOUT)
-    daemon.notify.wait_for("READY=1", timeout=60)
-    return daemon.proc
-
-
 def stop(proc: subprocess.Popen) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -197,12 +180,12 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def listening(path: str):
-    import socket
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
-    s.listen(256)
-    return s
+def stop_all(d, *procs: subprocess.Popen | None) -> None:
+    for p in procs:
+        if p is not None:
+            stop(p)
+    if d.notify is not None:
+        d.notify.close()
 
 
 def upgrade_daemon(tmp_path: Path):
@@ -223,10 +206,10 @@ def test_prev_release_state_taken_over_without_a_gap(tmp_path, prev_bin):
                            text=True, timeout=60)
         assert r.returncode == 0, r.stderr
     assert Path(f"{d.blob}.prev").exists()
-    listener = listening(d.socket)
+    listener = listening_socket(d.socket)
     old = new = None
     try:
-        old = start(d, prev_bin / "certd", listener)
+        old = start_daemon(d, prev_bin / "certd", listener)
         old_pid = old.pid
         assert status_of(d.socket)["pid"] == old_pid
         with Load(d.socket) as load:
@@ -234,7 +217,7 @@ def test_prev_release_state_taken_over_without_a_gap(tmp_path, prev_bin):
             stopping = time.monotonic()
             assert stop(old) == 0
             swapped = time.monotonic()
-            new = start(d, BIN / "certd", listener)
+            new = start_daemon(d, BIN / "certd", listener)
             ready = time.monotonic()
             assert new.pid != old_pid
             load.wait(lambda l: l.ok_since(swapped) >= 50)
@@ -265,11 +248,7 @@ def test_prev_release_state_taken_over_without_a_gap(tmp_path, prev_bin):
         assert all(t == blob for _, t in load.ok), "a table other than the blob was served"
         assert load.ok_since(swapped) >= 50
     finally:
-        for p in (old, new):
-            if p is not None:
-                stop(p)
-        if d.notify is not None:
-            d.notify.close()
+        stop_all(d, old, new)
         listener.close()
 
 
@@ -277,21 +256,17 @@ def test_negative_control_swap_without_the_passed_socket_leaves_a_gap(tmp_path, 
     d = upgrade_daemon(tmp_path)
     old = new = None
     try:
-        old = start(d, prev_bin / "certd")  # binds the socket itself
+        old = start_daemon(d, prev_bin / "certd")  # binds the socket itself
         with Load(d.socket) as load:
             load.wait(lambda l: len(l.ok) >= 20)
             assert stop(old) == 0
             load.wait(lambda l: len(l.gaps) > 0)  # a guest's VMM finds nobody listening
-            new = start(d, BIN / "certd")
+            new = start_daemon(d, BIN / "certd")
             swapped = time.monotonic()
             load.wait(lambda l: l.ok_since(swapped) >= 20)
         assert load.gaps, "the swap without socket activation must show a gap"
     finally:
-        for p in (old, new):
-            if p is not None:
-                stop(p)
-        if d.notify is not None:
-            d.notify.close()
+        stop_all(d, old, new)
 
 
 def judge(blob: bytes, platform) -> list:
