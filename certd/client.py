@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
+import stat
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -131,6 +133,9 @@ def _connect_error(path: str, e: OSError) -> ClientError:
                        code=ErrorCode.ACCESS_DENIED)
     if isinstance(e, FileNotFoundError):
         return Unavailable(f"no certd socket at {path} (is certd running?)")
+    if isinstance(e, ConnectionRefusedError) and os.path.exists(path) \
+            and not stat.S_ISSOCK(os.stat(path).st_mode):
+        return Unavailable(f"{path} is not a socket (give certd's socket, e.g. {DEFAULT_SOCKET})")
     if isinstance(e, ConnectionRefusedError):
         return Unavailable(f"nothing listens on {path} (connection refused)")
     return Unavailable(f"cannot connect to {path}: {e.strerror or e}")

@@ -31,6 +31,10 @@ from certd.abi import wire
 
 DEFAULT_PATH = Path("/etc/certd/certd.toml")
 
+#: The largest valid request frame (a GET with a 64-byte VM id): ``server.max_frame``
+#: cannot be set below it, or valid requests would be refused.
+LARGEST_REQUEST = wire.HEADER_SIZE + wire.GET_FIXED_SIZE + wire.MAX_VM_ID
+
 #: ``sun_path`` is 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
 
@@ -300,8 +304,9 @@ class ServerConfig:
         _int(1, 600_000), "a lease not released within this time is ended and logged"))
     idle_timeout_s: float = field(default=300.0, metadata=_key(
         _number(0, 86_400), "close a connection with no request and no lease for this long"))
-    max_frame: int = field(default=65536, metadata=_key(
-        _int(4096, wire.MAX_FRAME), "largest frame accepted from a client, bytes"))
+    max_frame: int = field(default=wire.MAX_REQUEST_FRAME, metadata=_key(
+        _int(LARGEST_REQUEST, wire.MAX_REQUEST_FRAME),
+        "largest frame accepted from a client, bytes (header included)"))
     max_leases_per_connection: int = field(default=16, metadata=_key(
         _int(1, 65_536), "leases one connection may hold at once"))
     max_connections: int = field(default=1024, metadata=_key(
@@ -749,8 +754,13 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
     return parse(text, source)
 
 
-def check_main(path: str | Path = DEFAULT_PATH) -> int:
-    """``certd --check-config``: print OK or every problem; return 0 or 78 (CONFIG)."""
+def check_main(path: str | Path = DEFAULT_PATH,
+               refers: Callable[[Config], list[str]] | None = None) -> int:
+    """``certd --check-config``: print OK or every problem; return 0 or 78 (CONFIG).
+
+    ``refers(cfg)`` checks what the configuration refers to (files, devices, directories)
+    and returns one line per problem; the caller passes it (those checks live above this
+    layer)."""
     # Imported here: config sits below the CLI layer; only this entry point needs exit codes.
     from certd import exitcodes
 
@@ -758,6 +768,12 @@ def check_main(path: str | Path = DEFAULT_PATH) -> int:
         cfg = load(path)
     except ConfigError as e:
         print(f"certd: invalid configuration:\n{e}", file=sys.stderr)
+        return exitcodes.CONFIG
+    problems = refers(cfg) if refers is not None else []
+    if problems:
+        print(f"certd: {cfg.source} parses, but what it refers to is not usable "
+              "(a restart cannot fix this):\n" + "\n".join(f"  {p}" for p in problems),
+              file=sys.stderr)
         return exitcodes.CONFIG
     n = len(cfg.profiles)
     print(f"{cfg.source}: OK ({n} profile{'s' if n != 1 else ''})")

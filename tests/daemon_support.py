@@ -428,3 +428,42 @@ def counters_when(socket_path: str, ok, timeout: float = 20.0) -> dict:
             return c
         assert time.monotonic() < end, f"counters never got there: {c}"
         time.sleep(0.02)
+
+
+# --- socket activation without systemd (tests of upgrades and socket ownership) ----------
+
+#: Put fd argv[1] at 3, set LISTEN_PID to our own pid and exec argv[2:] (same pid): what
+#: systemd does for a socket-activated service.
+ACTIVATE = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
+            "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def listening_socket(path: str) -> socket.socket:
+    """A listening Unix socket bound at ``path`` by the test (as certd.socket would)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(256)
+    return s
+
+
+def start_daemon(d: DaemonProc, certd: Path = BIN / "certd",
+                 listener: socket.socket | None = None) -> subprocess.Popen:
+    """``certd --config`` of ``d`` from the console script ``certd``; with ``listener``,
+    socket-activated on it (fd 3, LISTEN_FDS/LISTEN_PID). Returns once READY=1 came."""
+    d.config_path.write_text(d.config_text)
+    if d.notify is not None:
+        d.notify.close()
+    d.notify = Notifications.open()
+    d.log_path = d.dir / "certd.log"
+    env = {**os.environ, "NOTIFY_SOCKET": d.notify.address}
+    cmd = [str(certd), "--config", str(d.config_path)]
+    fds: tuple[int, ...] = ()
+    if listener is not None:
+        env.update(LISTEN_FDS="1", LISTEN_FDNAMES="certd")
+        cmd = [sys.executable, "-c", ACTIVATE, str(listener.fileno())] + cmd
+        fds = (listener.fileno(),)
+    with open(d.log_path, "ab") as log:
+        d.proc = subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    d.notify.wait_for("READY=1", timeout=60)
+    return d.proc

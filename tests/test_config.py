@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from certd import config
+from certd.abi import wire
 from certd.config import Config, ConfigError, parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +50,7 @@ def test_every_default():
     assert s.request_deadline_ms == 100 and s.request_deadline == 0.1
     assert s.lease_timeout_ms == 2000 and s.lease_timeout == 2.0
     assert s.idle_timeout_s == 300
-    assert s.max_frame == 65536
+    assert s.max_frame == 1024 == wire.MAX_REQUEST_FRAME
     assert s.max_leases_per_connection == 16
     assert s.max_connections == 1024
     assert s.rate_per_vm == 50 and s.rate_burst == 100
@@ -80,7 +81,7 @@ def test_every_key_set():
         request_deadline_ms = 250
         lease_timeout_ms = 5000
         idle_timeout_s = 1.5
-        max_frame = 4096
+        max_frame = 96
         max_leases_per_connection = 1
         max_connections = 8
         rate_per_vm = 0.5
@@ -151,7 +152,7 @@ def test_config_is_frozen():
 @pytest.mark.parametrize("text, line, key, message", [
     # wrong types
     ('[server]\nrequest_deadline_ms = "100"\n', 2, "server.request_deadline_ms", "integer"),
-    ("[server]\nmax_frame = 65536.0\n", 2, "server.max_frame", "integer"),
+    ("[server]\nmax_frame = 1024.0\n", 2, "server.max_frame", "integer"),
     ("[server]\nmax_connections = true\n", 2, "server.max_connections", "integer"),
     ("[server]\nidle_timeout_s = true\n", 2, "server.idle_timeout_s", "number"),
     ("[server]\nrate_per_vm = nan\n", 2, "server.rate_per_vm", "greater than 0"),
@@ -164,8 +165,9 @@ def test_config_is_frozen():
     ("[profile]\nname = 'x'\n", 1, "profile", "[[profile]]"),
     # bad values
     ("[server]\nrequest_deadline_ms = 0\n", 2, "server.request_deadline_ms", "between 1"),
-    ("[server]\nmax_frame = 100\n", 2, "server.max_frame", "between 4096"),
-    ("[server]\nmax_frame = 65537\n", 2, "server.max_frame", "between 4096 and 65536"),
+    ("[server]\nmax_frame = 95\n", 2, "server.max_frame", "between 96 and 1024"),
+    ("[server]\nmax_frame = 1025\n", 2, "server.max_frame", "between 96 and 1024"),
+    ("[server]\nmax_frame = 65536\n", 2, "server.max_frame", "between 96 and 1024"),
     ("[server]\nrate_burst = -1\n", 2, "server.rate_burst", "between 1"),
     ("[server]\nidle_timeout_s = 0\n", 2, "server.idle_timeout_s", "greater than 0"),
     ("[server]\nsocket = '/" + "x" * 120 + "'\n", 2, "server.socket", "at most 107"),
@@ -319,7 +321,7 @@ def test_lines_for_array_of_tables_after_other_tables():
         blob = "/x/a"
         vms = ["a"]
         [server]
-        max_frame = 65536
+        max_frame = 1024
         [[profile]]
         name = "b"
         blob = "/x/b"

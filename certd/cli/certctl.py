@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from certd import exitcodes
+from certd import __version__, exitcodes
 from certd.cli.common import CliError, report_error
 
 #: Subcommand modules, in the order --help lists them.
@@ -30,6 +30,7 @@ Typical flow:
   certctl verify certs.blob --report report.bin
 
 Every subcommand takes --json for scripts. Run 'certctl COMMAND --help' for details.
+'certctl' without a command prints this help on stderr and exits 2 (usage error).
 """
 
 
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="certctl", description=DESCRIPTION, epilog=exitcodes.epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"certctl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"certd.cli.cmd_{name.replace('-', '')}").register(sub)
     return parser
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return exitcodes.USAGE
     try:
         return int(args.func(args) or 0)
     except CliError as err:

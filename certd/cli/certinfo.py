@@ -4,6 +4,7 @@ loading certificate files with errors that name the file, describing blob entrie
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -99,6 +100,8 @@ def load_crl(path: str, what: str = "--crl") -> Crl:
 
 def load_platform(path: str) -> Platform:
     """A --platform FILE, with the two failure classes told apart (missing vs malformed)."""
+    if not os.path.lexists(path):  # platform.load reports every read failure as malformed
+        raise CliError(f"platform file {path!r} does not exist", exitcodes.NOINPUT)
     try:
         return platmod.load(path)
     except FileNotFoundError:

@@ -17,7 +17,7 @@ from certd.abi import wire
 from certd.abi.table import GUEST_MAX_SIZE, PAGE_SIZE
 from certd.abi.wire import ErrorCode
 from certd import exitcodes
-from certd.cli.common import CliError, add_json_flag, emit
+from certd.cli.common import CliError, add_json_flag, emit, positive
 from certd.client import (DEFAULT_SOCKET, DEFAULT_TIMEOUT, Client, ClientError,
                           InvalidRequest, ProtocolError, Refused, Unavailable)
 
@@ -52,7 +52,7 @@ def cli_error(err: ClientError, socket_path: str) -> CliError:
 def add_socket_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH",
                    help=f"certd's Unix socket (default {DEFAULT_SOCKET})")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+    p.add_argument("--timeout", type=positive, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT:g})")
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from certd import config as configmod, exitcodes
 from certd.abi import table
 from certd.abi.tcb import Tcb
 from certd.cli import certinfo
-from certd.cli.common import CliError, add_json_flag, emit, run_locked, shell_code
+from certd.cli.common import (CliError, add_json_flag, emit, load_config, nonnegative,
+                               run_locked, shell_code)
 from certd.store import blobstore, locks
 
 HELP = "run a firmware-update command under the exclusive lock and install the matching blob"
@@ -74,16 +74,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def nonnegative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more seconds")
-    return v
-
-
 def parse_tcb(text: str) -> Tcb:
     """``bl=N,tee=N,snp=N,ucode=N[,fmc=N]`` as a Tcb."""
     fields: dict[str, int] = {}
@@ -105,16 +95,6 @@ def parse_tcb(text: str) -> Tcb:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
-def load_config(path: str) -> configmod.Config:
-    if not Path(path).exists():
-        raise CliError(f"configuration {path} does not exist (give --config FILE)",
-                       exitcodes.NOINPUT)
-    try:
-        return configmod.load(path)
-    except configmod.ConfigError as e:
-        raise CliError(str(e), exitcodes.CONFIG) from None
-
-
 def run(args: argparse.Namespace) -> int:
     from certd.service import rotation  # the source and judge wiring the daemon uses too
 
@@ -126,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e), e.code) from None
     prefetched = None
     if args.expect_tcb is not None:
-        prefetched = setup.prefetch(args.expect_tcb)  # raises CliError-able SetupError
+        try:
+            prefetched = setup.prefetch(args.expect_tcb)  # before anything is locked
+        except rotation.SetupError as e:
+            raise CliError(f"{e}; nothing was locked or run", e.code) from None
     store = blobstore.BlobStore(cfg.store.blob, setup.judge.problems)
     outcome: dict[str, Any] = {}
 
@@ -144,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
             return None  # nothing to install: the store keeps the blob if it still fits
         got, source = setup.blob_for(after, deadline_s=args.timeout)
         outcome["source"] = source
-        return got if got is not None else table.EMPTY_TABLE
+        # None: the store keeps the current blob if it fits the platform now (a no-op CMD
+        # on a host without KDS keeps serving), else installs the empty table.
+        return got
 
     try:
         r = store.update(change, timeout=args.lock_timeout, what="certctl fw-update")

@@ -8,7 +8,8 @@ from typing import Any
 
 from certd.cli import certinfo
 from certd import exitcodes
-from certd.cli.common import CliError, add_json_flag, emit
+from certd.cli.common import (CliError, add_blob_flags, add_json_flag, blob_path, emit,
+                              nonnegative)
 from certd.store import blobstore, locks
 from certd.verify.problems import Problem
 
@@ -41,10 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("install", help=HELP, description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=EPILOG)
-    p.add_argument("--blob", required=True, metavar="PATH", help="the blob path readers use")
+    add_blob_flags(p)
     p.add_argument("new", metavar="NEW", help="the blob file to install")
     add_policy_flags(p)
-    p.add_argument("--timeout", type=float, default=blobstore.DEFAULT_TIMEOUT, metavar="S",
+    p.add_argument("--timeout", type=nonnegative, default=blobstore.DEFAULT_TIMEOUT, metavar="S",
                    help="seconds to wait for the locks (default %(default)s)")
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -53,10 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 EPILOG = """\
 exit codes:
     0  installed
-   65  NEW is not a valid blob or fails a check (problems are listed)
-   66  NEW cannot be read
+    2  usage error, or run inside 'certctl lock --shared' (an update needs --exclusive)
+   65  NEW is not a valid blob or fails a check (problems are listed), or the
+       --platform file is malformed
+   66  NEW, the --platform file or the --config file cannot be read
+   69  no --platform and no /dev/sev: the platform to match is unknown
    74  the blob directory is missing, read-only, full, or not writable
    75  busy: the locks were not obtained within --timeout
+   78  the --config file is invalid
 """
 
 
@@ -142,7 +147,7 @@ def result_dict(r: blobstore.InstallResult, checks: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     new = certinfo.read_blob(args.new)  # the same answer as show and verify for an empty file
     validate, checks = make_validator(args)
-    store = blobstore.BlobStore(args.blob, validate)
+    store = blobstore.BlobStore(blob_path(args), validate)
     try:
         r = store.install(new, timeout=args.timeout)
     except (blobstore.StoreError, locks.LockBusy) as e:

@@ -14,7 +14,7 @@ from certd.abi.tcb import Tcb
 from certd.amd import kds as kdsurl
 from certd.cli import certinfo
 from certd.cli.cmd_build import write_atomic
-from certd.cli.common import CliError, add_json_flag, emit
+from certd.cli.common import CliError, add_json_flag, emit, nonnegative
 from certd.platform import Platform
 from certd.sources import kds as kdsmod
 from certd.sources.kds import KdsClient, KdsUnavailable
@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def timeout_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+    p.add_argument("--timeout", type=nonnegative, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help="give up after S seconds of retrying (default: %(default)g)")
 
 
@@ -146,8 +146,6 @@ def _client(args: argparse.Namespace, cfg: configmod.Config) -> KdsClient:
 
 def _platform(args: argparse.Namespace, cfg: configmod.Config) -> Platform:
     if args.platform:
-        if not os.path.exists(args.platform):  # platform.load reports it as malformed
-            raise CliError(f"platform file {args.platform!r} does not exist", exitcodes.NOINPUT)
         return certinfo.load_platform(args.platform)
     from certd.service.daemon import StartupError, load_platform
     try:

@@ -8,7 +8,8 @@ import sys
 import time
 
 from certd import exitcodes
-from certd.cli.common import CliError, add_json_flag, emit, run_locked, shell_code
+from certd.cli.common import (CliError, add_blob_flags, add_json_flag, blob_path, emit,
+                              nonnegative, run_locked, shell_code)
 from certd.store import journal, locks
 
 HELP = "run a command while holding the blob's shared or exclusive lock"
@@ -36,10 +37,12 @@ CMD exits (CMD's own output comes first).
 EPILOG = """\
 exit codes:
   CMD's exit status, or 128+N if CMD was killed by signal N
-   66  --shared on a blob that does not exist
+    2  usage error (no CMD, or not one of --shared/--exclusive)
+   66  --shared on a blob that does not exist, or the --config file is missing
    74  the lock could not be taken, or (--exclusive) the journal not written
        (directory missing, read-only, permissions)
    75  busy: the lock was not obtained within --timeout (CMD was not run)
+   78  the --config file is invalid
   126  CMD could not be executed
   127  CMD was not found
 """
@@ -48,13 +51,13 @@ exit codes:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lock", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       usage="certctl lock --blob PATH (--shared | --exclusive) "
+                       usage="certctl lock [--blob PATH] [--config FILE] (--shared | --exclusive) "
                              "[--timeout S] [--json] -- CMD [ARGS...]")
-    p.add_argument("--blob", required=True, metavar="PATH", help="the blob path readers use")
+    add_blob_flags(p)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--shared", action="store_true", help="take the lock shared (reader)")
     mode.add_argument("--exclusive", action="store_true", help="take the lock exclusive (updater)")
-    p.add_argument("--timeout", type=float, default=2.0, metavar="S",
+    p.add_argument("--timeout", type=nonnegative, default=2.0, metavar="S",
                    help="seconds to wait for the lock (default %(default)s)")
     add_json_flag(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if not cmd:
         raise CliError("no command given: certctl lock ... -- CMD [ARGS...]", exitcodes.USAGE)
     mode = "exclusive" if args.exclusive else "shared"
-    lk = locks.BlobLock(args.blob)
+    lk = locks.BlobLock(blob_path(args))
     t0 = time.monotonic()
     hold = _acquire(args, lk)
     blob_existed = hold.stat is not None or not hold.exclusive

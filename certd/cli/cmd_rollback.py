@@ -6,7 +6,7 @@ import argparse
 
 from certd import exitcodes
 from certd.cli.cmd_install import add_policy_flags, make_validator, result_dict, store_error
-from certd.cli.common import add_json_flag, emit
+from certd.cli.common import add_blob_flags, add_json_flag, blob_path, emit, nonnegative
 from certd.store import blobstore, locks
 
 HELP = "put the previous blob (BLOB.prev) back in place"
@@ -19,19 +19,22 @@ blob is settled the same way if it is refused.
 EPILOG = """\
 exit codes:
     0  rolled back
-   65  the previous blob fails a check
-   66  there is no previous blob
+    2  usage error, or run inside 'certctl lock --shared' (an update needs --exclusive)
+   65  the previous blob fails a check, or the --platform file is malformed
+   66  there is no previous blob, or the --platform or --config file cannot be read
+   69  no --platform and no /dev/sev: the platform to match is unknown
    74  the blob directory is missing, read-only, full, or not writable
    75  busy: the locks were not obtained within --timeout
+   78  the --config file is invalid
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rollback", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blob", required=True, metavar="PATH", help="the blob path readers use")
+    add_blob_flags(p)
     add_policy_flags(p)
-    p.add_argument("--timeout", type=float, default=blobstore.DEFAULT_TIMEOUT, metavar="S",
+    p.add_argument("--timeout", type=nonnegative, default=blobstore.DEFAULT_TIMEOUT, metavar="S",
                    help="seconds to wait for the locks (default %(default)s)")
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -39,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     validate, checks = make_validator(args)
-    store = blobstore.BlobStore(args.blob, validate)
+    store = blobstore.BlobStore(blob_path(args), validate)
     try:
         r = store.rollback(timeout=args.timeout)
     except (blobstore.StoreError, locks.LockBusy) as e:

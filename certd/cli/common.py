@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
-from certd import exitcodes
+from certd import config as configmod, exitcodes
 
 
 class CliError(Exception):
@@ -44,6 +45,65 @@ def report_error(args: argparse.Namespace, err: CliError) -> int:
     else:
         print(f"certctl: error: {err.message}", file=sys.stderr)
     return err.code
+
+
+def nonnegative(text: str) -> float:
+    """argparse type for a --timeout in seconds: a number, 0 or more."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more seconds")
+    return v
+
+
+def positive(text: str) -> float:
+    """argparse type for a socket --timeout in seconds: a number above 0."""
+    try:
+        v = nonnegative(text)
+    except argparse.ArgumentTypeError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds above 0")
+    return v
+
+
+def load_config(path: str | Path) -> configmod.Config:
+    """A configuration named on the command line: 66 when it is missing, 78 when invalid."""
+    if not Path(path).exists():
+        raise CliError(f"configuration {path} does not exist (give --config FILE)",
+                       exitcodes.NOINPUT)
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as e:
+        raise CliError(str(e), exitcodes.CONFIG) from None
+
+
+#: The blob path when neither --blob nor a configuration says otherwise.
+DEFAULT_BLOB = str(configmod.StoreConfig().blob)
+
+
+def add_blob_flags(p: argparse.ArgumentParser) -> None:
+    """--blob PATH and --config FILE (whose store.blob is the default --blob)."""
+    p.add_argument("--blob", metavar="PATH",
+                   help="the blob path readers use (default: store.blob of --config, else "
+                        f"{DEFAULT_BLOB})")
+    p.add_argument("--config", metavar="FILE",
+                   help="certd configuration whose store.blob is the default --blob "
+                        f"(default {configmod.DEFAULT_PATH} when it exists)")
+
+
+def blob_path(args: argparse.Namespace) -> str:
+    """--blob, else store.blob of --config (or of the default configuration if it
+    exists), else /var/lib/certd/certs.blob."""
+    if args.blob:
+        return args.blob
+    if args.config:
+        return str(load_config(args.config).store.blob)
+    if configmod.DEFAULT_PATH.exists():
+        return str(load_config(configmod.DEFAULT_PATH).store.blob)
+    return DEFAULT_BLOB
 
 
 def read_input(path: str, what: str) -> bytes:

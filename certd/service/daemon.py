@@ -132,6 +132,8 @@ class Daemon:
         self.notifier = sdnotify.Notifier.from_environ()
         self.stop_event = asyncio.Event()
         self.activated = False
+        #: (path, (st_dev, st_ino)) of the socket certd bound itself: removed at exit.
+        self.own_socket: tuple[str, tuple[int, int]] | None = None
 
     def _platform_source(self, cfg: configmod.Config,
                          old: PlatformSource | None = None) -> PlatformSource:
@@ -148,7 +150,10 @@ class Daemon:
         if sock is not None:
             self.activated = True
             return sock
-        return bind_socket(self.cfg)
+        sock = bind_socket(self.cfg)
+        st = os.stat(sock.getsockname())
+        self.own_socket = (sock.getsockname(), (st.st_dev, st.st_ino))
+        return sock
 
     def status_line(self) -> str:
         d = self.profiles.default
@@ -332,6 +337,8 @@ class Daemon:
         self.notifier.stopping("draining leases")
         self.server.accepting = False
         srv.close()
+        if self.own_socket is not None:  # an activated socket belongs to systemd: kept
+            unixsock.unlink_if_ours(*self.own_socket)
         leases = self.server.leases
         deadline = time.monotonic() + self.server.limits.lease_timeout
         if leases.live:

@@ -128,8 +128,9 @@ _EXPLAIN = {
 def _io_error(e: OSError, doing: str, path: str, file: str | None = None) -> StoreIOError:
     why = _EXPLAIN.get(e.errno or 0, e.strerror or str(e))
     name = e.filename or file or path
-    return StoreIOError(f"{doing} failed: {why}: {name}; the current blob {path} is untouched",
-                        e.errno, name)
+    kept = (f"the current blob {path} is untouched" if os.path.lexists(path)
+            else f"there was no blob at {path} and none was written")
+    return StoreIOError(f"{doing} failed: {why}: {name}; {kept}", e.errno, name)
 
 
 @dataclass
