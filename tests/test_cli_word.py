@@ -130,6 +130,7 @@ def _cases(d: Path) -> list[tuple[list[str], list[str], int, str]]:
         (["fetch"], ["fetch", "--vm", "", "--socket", d / "none.sock"], 2, "vm"),
         (["status"], ["status", "--socket", d], 69, "not a socket"),
         (["status"], ["status", "--timeout", "0"], 2, "above 0"),
+        (["demo"], ["demo", "--vms", "0"], 2, "--vms must be at least 1"),
     ]
 
 

@@ -107,14 +107,15 @@ async def served_tcb(sock: str):
         return leaf_tcb(r.table) if r.ret == 0 else "busy"
 
 
-async def clients(sock: str, n: int, stop: asyncio.Event, seen: list) -> None:
+async def clients(sock: str, n: int, stop: asyncio.Event, seen: list,
+                  hold_s: float = 0.0005) -> None:
     async def one(i: int) -> None:
         async with AsyncClient(sock) as c:
             while not stop.is_set():
                 r = await c.get(f"vm-{i}", 4)
                 if r.ret == 0:
                     got = time.monotonic_ns()  # before RELEASE: the lease is live
-                    await asyncio.sleep(0.0005)  # the guest's report is signed meanwhile
+                    await asyncio.sleep(hold_s)  # the guest's report is signed meanwhile
                     if r.lease_id:
                         await c.release(r.lease_id)
                     seen.append((got, time.monotonic_ns(), leaf_tcb(r.table)))
@@ -137,12 +138,13 @@ async def _eq(coro, want) -> bool:
     return (await coro) == want
 
 
-async def _fw_update_under_load(rig: Rig, stamp: Path, env: dict | None = None):
+async def _fw_update_under_load(rig: Rig, stamp: Path, env: dict | None = None,
+                                hold_s: float = 0.0005):
     rig.daemon.start()
     old = rig.platform.reported_tcb
     await until(lambda: _eq(served_tcb(rig.daemon.socket), old), what="first blob")
     stop, seen = asyncio.Event(), []
-    load = asyncio.create_task(clients(rig.daemon.socket, 8, stop, seen))
+    load = asyncio.create_task(clients(rig.daemon.socket, 8, stop, seen, hold_s))
     await until(lambda: _async(len(seen) > 50), what="clients running")
     result = await asyncio.to_thread(rig.fw_update, "--snp", "+1", stamp=stamp, env=env)
     after_return = await served_tcb(rig.daemon.socket)
@@ -178,7 +180,8 @@ def test_fw_update_control_early_release_serves_the_old_vcek(rig, tmp_path):
     """Negative control: updaters that release the lock before the new blob is in place
     (CERTD_FAULT=early-release) let clients get the old VCEK after the firmware moved."""
     old, new, result, after_return, seen, stale = asyncio.run(
-        _fw_update_under_load(rig, tmp_path / "changed", env={"CERTD_FAULT": "early-release"}))
+        _fw_update_under_load(rig, tmp_path / "changed", env={"CERTD_FAULT": "early-release"},
+                              hold_s=0.02))  # leases live long enough to span the change
     assert stale, "the detector must see stale answers when the lock is released early"
 
 

@@ -34,6 +34,7 @@ EPILOG = """\
 exit codes:
     0  passed: mismatches, torn, eio and vmpck_lost are all 0 (and the run completed)
     1  failed: one of them is not 0, the simulator hit an error, or the run was aborted
+    2  usage error (a count below its minimum, an unknown --updater)
    70  internal error
 """
 

@@ -379,13 +379,19 @@ class BlobStore:
         emptied = self._replace(table.EMPTY_TABLE, hold)
         return SettleResult(self.path, "emptied", problems, leftover, emptied)
 
-    def _restore(self, hold: locks.Hold, validate: Validator, old: bytes) -> SettleResult:
+    def _restore(self, hold: locks.Hold, validate: Validator,
+                 old: tuple[bytes, os.stat_result | None]) -> SettleResult:
         """After an emptied-first change installed nothing: put the old blob back if it
-        still fits the platform as it is now (kept), else leave the empty table (emptied)."""
-        problems = [] if faults.unsafe("settle") else check(old, validate)
+        still fits the platform as it is now (kept), else leave the empty table (emptied)
+        and keep the old blob as ``.prev`` (nothing is lost: ``certctl rollback``)."""
+        problems = [] if faults.unsafe("settle") else check(old[0], validate)
         if problems:
+            try:
+                self._save_prev(*old)
+            except OSError as e:
+                raise _io_error(e, "keeping the previous blob", self.path) from None
             return SettleResult(self.path, "emptied", problems)
-        self._replace(old, hold, save_prev=False)
+        self._replace(old[0], hold, prev=None)
         return SettleResult(self.path, "kept", [])
 
     def ensure_exists(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> InstallResult | None:
@@ -505,7 +511,8 @@ class BlobStore:
                              and current not in (None, table.EMPTY_TABLE)
                              and not faults.unsafe("empty-first"))
             if emptied_first:
-                self._replace(table.EMPTY_TABLE, hold)
+                set_aside = (current, hold.stat)
+                self._replace(table.EMPTY_TABLE, hold, prev=None)  # .prev: as it was
                 self._fault("emptied")
             try:
                 res.change_started_ns = time.monotonic_ns()
@@ -520,12 +527,13 @@ class BlobStore:
                     res.refused = check(blob, validate)
                     if not res.refused:
                         self._fault("validated")
-                        res.installed = self._replace(blob, hold, save_prev=not emptied_first)
+                        res.installed = self._replace(
+                            blob, hold, prev=set_aside if emptied_first else "current")
             except BaseException as e:
                 failure = e
             if res.installed is None and emptied_first and \
                     self._current(hold) == table.EMPTY_TABLE:  # (not a nested install's)
-                res.settled = self._restore(hold, validate, current)
+                res.settled = self._restore(hold, validate, set_aside)
             elif res.installed is None and not faults.unsafe("settle"):
                 res.settled = self._settle(hold, validate, None)
             if not hold.adopted and (res.journal is not None or res.recovered is not None):
@@ -562,10 +570,13 @@ class BlobStore:
             if fd is not None:
                 locks.unlock(fd)
 
-    def _replace(self, blob: bytes, hold: locks.Hold, save_prev: bool = True) -> InstallResult:
+    def _replace(self, blob: bytes, hold: locks.Hold,
+                 prev: tuple[bytes, os.stat_result | None] | None | str = "current"
+                 ) -> InstallResult:
         """Put ``blob`` (already checked) at the path atomically. On return ``hold`` holds
-        the new inode, locked exclusive (the old one is unlocked and closed). ``save_prev``
-        False: ``.prev`` already holds the blob to keep (an emptied-first update)."""
+        the new inode, locked exclusive (the old one is unlocked and closed). ``.prev``
+        becomes the blob replaced ("current"), the given (bytes, stat) (the blob an
+        emptied-first update set aside), or stays as it is (None)."""
         removed = self._remove_temps()
         self._fault("recovered")
         old_bytes = self._current(hold)
@@ -592,8 +603,10 @@ class BlobStore:
                     raise StoreIOError(f"could not lock the fresh temp file {tmp}")
                 self._fault("temp_locked")
                 step = "keeping the previous blob"
-                if hold.fd is not None and save_prev:
+                if prev == "current" and hold.fd is not None:
                     self._save_prev(old_bytes, old_st)
+                elif isinstance(prev, tuple):
+                    self._save_prev(*prev)  # not the inode held: copied from these bytes
                 self._fault("prev_saved")
                 step = "renaming the temp file over the blob"
                 os.rename(tmp, self.path)
