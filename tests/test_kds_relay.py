@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import shutil
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,31 @@ def test_https_through_the_relay_verifies_the_certificate(tls_kds, tls_relay):
     with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
         kdsmod.http_get(f"https://{HOST}/vcek/v1/Milan/cert_chain", 5, relay=tls_relay.sock)
     assert kds.requests == []
+
+
+# --- no relay configured where there is no network --------------------------------------------
+
+UNSHARE = shutil.which("unshare")
+
+
+def _fetch_in(netns_cmd: list[str]) -> subprocess.CompletedProcess:
+    code = ("from certd.sources import kds\n"
+            "try:\n"
+            f"    kds.http_get('http://{HOST}/vcek/v1/Milan/crl', 5)\n"
+            "except OSError as e:\n"
+            "    print(type(e).__name__, e)\n")
+    return subprocess.run([*netns_cmd, sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.skipif(UNSHARE is None or os.geteuid() != 0, reason="needs root and unshare")
+def test_no_network_and_no_relay_says_set_kds_relay():
+    """As under the shipped certd.service with kds.relay = "": the error names the fix."""
+    r = _fetch_in([UNSHARE, "--net"])
+    assert r.returncode == 0, r.stderr
+    assert "no network but lo: set kds.relay" in r.stdout, r.stdout
+    # Control: with the host's network the same failure (an unresolvable name) says no such
+    # thing.
+    r = _fetch_in([])
+    assert r.returncode == 0 and r.stdout.startswith("gaierror"), (r.stdout, r.stderr)
+    assert "kds.relay" not in r.stdout

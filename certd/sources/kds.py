@@ -215,6 +215,15 @@ def _relay_socket(relay: str, timeout: float | None) -> socket.socket:
     return s
 
 
+def _only_loopback() -> bool:
+    """True if this process's network namespace has no device but ``lo``."""
+    try:
+        lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return False
+    return {line.split(":")[0].strip() for line in lines} == {"lo"}
+
+
 def http_get(url: str, timeout_s: float, *, relay: str | os.PathLike[str] | None = None,
              context: ssl.SSLContext | None = None) -> _Response:
     """GET ``url``; the whole exchange (connect, headers, body) within ``timeout_s``.
@@ -248,6 +257,15 @@ def http_get(url: str, timeout_s: float, *, relay: str | os.PathLike[str] | None
         return remaining
 
     try:
+        try:
+            conn.connect()
+        except OSError as e:
+            if relay is None and _only_loopback():
+                # The shipped certd.service has no network; a bare "Name or service not
+                # known" would not say that the relay is what is missing.
+                raise type(e)(e.errno, f"{e.strerror or e} (this process has no network but "
+                              "lo: set kds.relay, docs/systemd.md)") from None
+            raise
         target = u.path + (f"?{u.query}" if u.query else "")
         conn.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": "*/*"})
         sock = conn.sock  # getresponse() drops conn.sock when the server closes after it
