@@ -222,16 +222,11 @@ def make_dev_daemon(directory: Path, pki, platform: Platform, *, blob: bytes | N
     ``directory/platform.toml`` holding ``platform``; ``blob`` at the blob path (None: no
     file). ``kw`` as for :func:`config_text`."""
     directory.mkdir(parents=True, exist_ok=True)
-    pf = directory / "platform.toml"
-    platformmod.save(platform, pf)
     roots_pem = directory / "dev-roots.pem"
     roots_pem.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
                                    for c in (pki.ark, pki.ask, pki.asvk)))
-    if blob is not None:
-        (directory / "certs.blob").write_bytes(blob)
     trust = f'\n[trust]\nroots = ["{roots_pem}"]\n'
-    return DaemonProc(directory, config_text(directory, platform_file=pf, extra=trust + extra,
-                                             **kw))
+    return make_vector_daemon(directory, platform, blob=blob, extra=trust + extra, **kw)
 
 
 def dev_vcek_blob(pki, platform: Platform) -> bytes:
@@ -247,6 +242,15 @@ def dev_vlek_blob(pki, platform: Platform) -> bytes:
     from certd import devpki
     leaf, _ = pki.issue_vlek(platform.reported_tcb)
     return devpki.blob(pki.ark, pki.asvk, leaf, vlek=True)
+
+
+def stopped(d: DaemonProc) -> str:
+    """Stop ``d``, assert it exited 0 with no traceback in its log; returns the log."""
+    rc = d.stop()
+    log = d.log()
+    assert rc == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    return log
 
 
 def status_of(socket_path: str) -> dict:
@@ -268,7 +272,8 @@ def reload(d: DaemonProc, config_text: str | None = None) -> str:
 
 def make_vector_daemon(directory: Path, platform: Platform, *, blob: bytes | None,
                        **kw) -> DaemonProc:
-    """Like :func:`make_daemon` (pinned AMD roots) on a given platform and blob."""
+    """Like :func:`make_daemon` (pinned AMD roots) on a given platform and blob (None: no
+    file); ``kw`` as for :func:`config_text`."""
     directory.mkdir(parents=True, exist_ok=True)
     pf = directory / "platform.toml"
     platformmod.save(platform, pf)
@@ -404,12 +409,13 @@ def plain_updater_wait(p: subprocess.Popen, timeout: float) -> float:
 
 
 def build_loadgen(directory: Path) -> Path:
-    """benchmarks/loadgen.c compiled into ``directory``."""
-    src = Path(__file__).parent.parent / "benchmarks" / "loadgen.c"
-    exe = directory / "loadgen"
-    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)], check=True,
-                   capture_output=True, timeout=120)
-    return exe
+    """benchmarks/loadgen.c compiled into ``directory`` (as benchmarks/bench_server.py
+    compiles it)."""
+    benchmarks = str(Path(__file__).parent.parent / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.append(benchmarks)
+    import bench_server
+    return bench_server.compile_loadgen(directory)
 
 
 def counters_when(socket_path: str, ok, timeout: float = 20.0) -> dict:

@@ -201,10 +201,10 @@ def test_refusals_are_counted_by_why(tmp_path):
                     ).start()
     try:
         with clientmod.Client(d.socket) as c:  # at most 16 leases per connection
-            leases = [c.get("vm-1", 4).lease_id for _ in range(16)]
+            leases = [c.get(f"vm-{i}", 4).lease_id for i in range(16)]
             assert all(leases)
             with pytest.raises(clientmod.Refused):
-                c.get("vm-1", 4)  # the 17th: TOO_MANY_LEASES
+                c.get("vm-17", 4)  # the 17th: TOO_MANY_LEASES
         m = scrape(where)
         assert value(m, "certd_refusals_total", why="too_many_leases") == 1
         assert value(m, "certd_requests_total", op="get", ret="too_many_leases") == 1

@@ -28,8 +28,8 @@ from certd.amd import roots
 from certd.abi.tcb import Tcb
 from tests.daemon_support import (BIN, NO_RATE_LIMIT, VECTORS, DaemonProc, OverlappingLeases,
                                   make_daemon, make_dev_daemon, make_vector_daemon,
-                                  dev_vcek_blob, dev_vlek_blob, reload, status_of,
-                                  vector_blob, vector_platform, with_server_keys)
+                                  dev_vcek_blob, dev_vlek_blob, reload, status_of, stopped,
+                                  vector_platform, with_server_keys)
 from tests.vector_pairs import VLEK_AT
 
 #: No hold retires by age within a test: only the check under test can stop a stale hold.
@@ -37,25 +37,16 @@ NO_AGE = {"hold_max_age_ms": 60000}
 
 
 def gets(socket_path: str, n: int = 5, vm: str = "vm-new") -> list[clientmod.GetResult]:
-    """``n`` new GETs on a fresh connection; each lease is released after the next GET is
-    answered (so they too overlap the live hold)."""
+    """``n`` new GETs on a fresh connection (one VM id each: a VM holds few leases); each
+    lease is released only after the last GET is answered (so they overlap the live hold)."""
     out = []
     with clientmod.Client(socket_path) as c:
-        for _ in range(n):
-            out.append(c.get(vm, 4))
+        for i in range(n):
+            out.append(c.get(f"{vm}-{i}", 4))
         for r in out:
             if r.lease_id:
                 c.release(r.lease_id)
     return out
-
-
-def stopped(d: DaemonProc) -> str:
-    """Stop ``d`` (asserting a clean exit) and return its log."""
-    rc = d.stop()
-    log = d.log()
-    assert rc == 0, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-    return log
 
 
 # --- item 2: a platform change reaches the very next lease -------------------------------

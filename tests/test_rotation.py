@@ -255,3 +255,30 @@ def test_drop_directory_rotates_a_vlek_in_and_rejects_garbage(tmp_path):
         assert (drop / "accepted" / "vlek.pem").exists()
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("unsafe", ["", "empty-first"], ids=["empty-first", "control"])
+def test_an_updater_killed_after_the_firmware_step_leaves_nothing_stale_on_disk(tmp_path, unsafe):
+    """certctl fw-update SIGKILLed right after its CMD moved the firmware: what a stock
+    QEMU reads from the file (it never looks at the journal) is not the old VCEK, because
+    the update ran with the empty table at the path. Negative control: without emptying
+    first (CERTD_UNSAFE=empty-first) the stale blob is what QEMU would read."""
+    rig = Rig(tmp_path)
+    try:
+        rig.daemon.blob.write_bytes(policy.build_blob(
+            rig.pki.ark, rig.pki.ask,
+            rig.pki.issue_vcek(rig.platform.reported_tcb, rig.platform.chip_id)[0],
+            trust=rig.pki.trust, platform=rig.platform))
+        before = rig.platform
+        cmd = f'{PY} -m certd.devfw {rig.platform_file} --snp +1 && kill -9 $PPID'
+        r = subprocess.run([str(BIN / "certctl"), "fw-update", "--config", str(rig.config), "--",
+                            "sh", "-c", cmd], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "CERTD_UNSAFE": unsafe})
+        assert r.returncode == -9, r.stderr
+        assert rig.platform != before, "precondition: the firmware moved"
+        on_disk = rig.daemon.blob.read_bytes()
+        problems = policy.check_blob(on_disk, trust=rig.pki.trust, platform=rig.platform)
+        stale = on_disk != table.EMPTY_TABLE and bool(problems)
+        assert stale == bool(unsafe), (on_disk[:40], problems)
+    finally:
+        rig.close()

@@ -231,7 +231,10 @@ def test_the_next_updater_settles_a_dead_updaters_journal(milan):
     with pytest.raises(Exception) as e:  # m1 no longer fits: refused
         store.install(milan.m1.read_bytes())
     res = e.value.result
-    assert res.recovered.outcome == "emptied" and res.recovered.journal.what == "test firmware update"
+    # The dead updater had emptied the blob before its change (never stale, even for a
+    # reader that ignores the journal); the next one settles and clears its journal.
+    assert res.recovered.outcome in ("emptied", "kept") and \
+        res.recovered.journal.what == "test firmware update"
     assert milan.blob.read_bytes() == EMPTY and store.journal() is None
 
 
@@ -255,7 +258,9 @@ def test_update_killed_at_every_step_leaves_the_journal_until_settled(tmp_path):
         r = subprocess.run([sys.executable, "-c", UPDATE_ONCE, str(path), str(new)],
                            env=child_env(**{FAULT_ENV: step}), capture_output=True, timeout=60)
         assert r.returncode == -signal.SIGKILL, (step, r.stderr)
-        assert path.read_bytes() in (a, b), step
+        # The old blob, the new one, or (killed between emptying first and installing)
+        # the empty table: whole, and never stale.
+        assert path.read_bytes() in (a, b, EMPTY), step
         pending = store.journal()
         assert (pending is not None) == (first <= i < last), step
         if pending is not None:

@@ -129,8 +129,8 @@ class Profile:
     decided: bool = False
     store: blobstore.BlobStore = field(init=False)
     _served: bytes = table.EMPTY_TABLE
-    #: (judge, epoch, bytes, valid until (wall clock)) of the last verdict.
-    _judged: tuple[object, int, bytes, float] | None = None
+    #: (judge, epoch, bytes, valid until (wall clock), problems) of the last verdict.
+    _judged: tuple | None = None
     _draining: SharedHold | None = None  # retired by age: wait for it, then the gap
     _gap_until: float = 0.0
     _settling: bool = False
@@ -241,12 +241,7 @@ class Profile:
             lock.release()
             return self._io_failure(e, "reading")
         judge = self.judge
-        j = self._judged
-        if j is not None and j[:3] == (judge, judge.epoch, blob) and time.time() < j[3]:
-            problems = list(self.problems)
-        else:
-            problems = judge.problems(blob) if blob != table.EMPTY_TABLE else []
-            self._judged = (judge, judge.epoch, blob, valid_until(blob))
+        problems = self._verdict(blob)
         epoch, until = judge.epoch, self._judged[3]
         if problems or blob == table.EMPTY_TABLE:
             lock.release()
@@ -258,6 +253,34 @@ class Profile:
                                   on_close=self._closed)
         self._arm_idle(self.current)  # a hold no lease takes must not keep the lock
         return self.current
+
+    def _verdict(self, blob: bytes) -> list[Problem]:
+        """The judge's problems with ``blob`` now, from the last verdict when that was on
+        the same bytes, by the same judge, under the same platform epoch, and still in
+        date (one verdict is kept: judging costs a chain check, serving must not)."""
+        judge, j = self.judge, self._judged
+        if j is not None and j[:3] == (judge, judge.epoch, blob) and time.time() < j[3]:
+            return list(j[4])
+        problems = judge.problems(blob) if blob != table.EMPTY_TABLE else []
+        self._judged = (judge, judge.epoch, blob, valid_until(blob), tuple(problems))
+        return problems
+
+    def prejudge(self) -> None:
+        """Judge the file at the path now, without a lock (an updater may still hold it):
+        a blob just renamed into place is then served from the verdict the moment the
+        updater releases, with no chain check on the request path. Only the bytes read
+        are judged; what is served is read again under the lock and must equal them."""
+        try:
+            fd = os.open(self.blob_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            blob = locks.read_blob(fd, self.blob_path)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        self._verdict(blob)
 
     def _io_failure(self, e: OSError, doing: str) -> str:
         transient = e.errno in _TRANSIENT
@@ -377,7 +400,11 @@ class Profile:
         from certd import inotify  # only a daemon with waiting requests needs it
         names = {os.path.basename(self.blob_path), os.path.basename(self.lock.gate)}
 
+        blob_name = os.path.basename(self.blob_path)
+
         def event(ev: "inotify.Event") -> None:
+            if ev.name == blob_name and ev.mask & inotify.MOVED_TO:
+                self.prejudge()  # a new blob is in place; its updater still holds it
             if ev.overflow or ev.gone or ev.name in names:
                 self._wake()
 

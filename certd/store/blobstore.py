@@ -9,6 +9,8 @@ change is pure); each step has a name (:data:`STEPS`) at which a test can kill t
     (a journal a dead updater left: settle the blob first)
     write the journal <dir>/.<name>.journal, atomically and fsynced
     (not for install and rollback: their change cannot move the platform) -> "journaled"
+    such a change runs with the empty table at the path (the old blob in
+    .prev and in memory): killed in it, it leaves nothing stale          -> "emptied"
     run the change step (firmware update, hook, or just "here are new bytes")
     validate the blob it returned (caller's validator; empty list = OK)  -> "validated"
     clean up temp files a crashed updater left (we hold the gate)        -> "recovered"
@@ -20,7 +22,8 @@ change is pure); each step has a name (:data:`STEPS`) at which a test can kill t
     rename the temp file over the path                                   -> "renamed"
     fsync the directory; unlock the old file, keep the new one locked    -> "dir_synced"
     if nothing was installed: settle (the blob still fits the platform
-    as it is now, else the empty table replaces it)
+    as it is now, else the empty table replaces it; after emptying first,
+    the old blob is put back only if it still fits)
     remove the journal, release the new file, then the gate              -> "released"
 
 Every rename is atomic, so whatever the moment of a crash the path names a complete blob,
@@ -375,6 +378,15 @@ class BlobStore:
         emptied = self._replace(table.EMPTY_TABLE, hold)
         return SettleResult(self.path, "emptied", problems, leftover, emptied)
 
+    def _restore(self, hold: locks.Hold, validate: Validator, old: bytes) -> SettleResult:
+        """After an emptied-first change installed nothing: put the old blob back if it
+        still fits the platform as it is now (kept), else leave the empty table (emptied)."""
+        problems = [] if faults.unsafe("settle") else check(old, validate)
+        if problems:
+            return SettleResult(self.path, "emptied", problems)
+        self._replace(old, hold, save_prev=False)
+        return SettleResult(self.path, "kept", [])
+
     def ensure_exists(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> InstallResult | None:
         """If there is no blob at the path, write the empty table there (atomically, mode
         :attr:`mode`, default 0644), so that a stock QEMU finds a file. None if a blob
@@ -480,10 +492,21 @@ class BlobStore:
                     except OSError as e:
                         raise _io_error(e, "writing the update journal", self.path) from None
             self._fault("journaled")
-            if faults.fault("early-release") and not hold.adopted:
+            early = faults.fault("early-release") and not hold.adopted
+            if early:
                 self._release_early(hold)
+            current = self._current(hold)
+            # Empty first: a change that may move the platform (a firmware step) runs with
+            # the empty table at the path, so an updater killed in it leaves nothing stale
+            # for a reader that never looks at the journal (a stock QEMU). The blob it
+            # replaced is in .prev and in memory, to be put back if it still fits.
+            emptied_first = (what is not None and not early and not hold.adopted
+                             and current not in (None, table.EMPTY_TABLE)
+                             and not faults.unsafe("empty-first"))
+            if emptied_first:
+                self._replace(table.EMPTY_TABLE, hold)
+                self._fault("emptied")
             try:
-                current = self._current(hold)
                 res.change_started_ns = time.monotonic_ns()
                 self.hold = hold
                 try:
@@ -496,10 +519,13 @@ class BlobStore:
                     res.refused = check(blob, validate)
                     if not res.refused:
                         self._fault("validated")
-                        res.installed = self._replace(blob, hold)
+                        res.installed = self._replace(blob, hold, save_prev=not emptied_first)
             except BaseException as e:
                 failure = e
-            if res.installed is None and not faults.unsafe("settle"):
+            if res.installed is None and emptied_first and \
+                    self._current(hold) == table.EMPTY_TABLE:  # (not a nested install's)
+                res.settled = self._restore(hold, validate, current)
+            elif res.installed is None and not faults.unsafe("settle"):
                 res.settled = self._settle(hold, validate, None)
             if not hold.adopted and (res.journal is not None or res.recovered is not None):
                 journal.remove(self.path)
@@ -535,9 +561,10 @@ class BlobStore:
             if fd is not None:
                 locks.unlock(fd)
 
-    def _replace(self, blob: bytes, hold: locks.Hold) -> InstallResult:
+    def _replace(self, blob: bytes, hold: locks.Hold, save_prev: bool = True) -> InstallResult:
         """Put ``blob`` (already checked) at the path atomically. On return ``hold`` holds
-        the new inode, locked exclusive (the old one is unlocked and closed)."""
+        the new inode, locked exclusive (the old one is unlocked and closed). ``save_prev``
+        False: ``.prev`` already holds the blob to keep (an emptied-first update)."""
         removed = self._remove_temps()
         self._fault("recovered")
         old_bytes = self._current(hold)
@@ -564,7 +591,7 @@ class BlobStore:
                     raise StoreIOError(f"could not lock the fresh temp file {tmp}")
                 self._fault("temp_locked")
                 step = "keeping the previous blob"
-                if hold.fd is not None:
+                if hold.fd is not None and save_prev:
                     self._save_prev(old_bytes, old_st)
                 self._fault("prev_saved")
                 step = "renaming the temp file over the blob"
