@@ -27,12 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from certd import config as configmod
+from certd import exitcodes
 from certd.amd.roots import pinned
 from certd.service import rotation
 from certd.sources import kds as kdsmod
 from certd.sources.kds import KdsClient, KdsUnavailable
 
 from kds_support import KdsServer
+from test_kds_cli import platform_file, run, write_config
 from test_kds_client import case_platform, leaf_of
 
 PROXYD = next((p for p in ("/usr/lib/systemd/systemd-socket-proxyd",
@@ -130,6 +132,23 @@ def test_the_daemon_and_certctl_use_kds_relay(kds, relay, tmp_path):
     platform, target = case_platform("milan")
     c.vcek_blob_sync(platform, deadline_s=20)
     assert [r.target for r in kds.vcek_requests()] == [target]
+
+
+def test_certctl_kds_fetch_uses_kds_relay(kds, relay, tmp_path, capsys):
+    """certctl kds fetch with the daemon's configuration goes through its relay; --url
+    names another source, so it connects directly (the relay forwards elsewhere)."""
+    pf = platform_file(tmp_path, "milan")
+    cfg = write_config(tmp_path, [f"http://{HOST}"], relay=f'"{relay.sock}"')
+    out = tmp_path / "new.blob"
+    rc, _, err = run(capsys, "kds", "fetch", "--platform", str(pf), "--config", str(cfg),
+                     "-o", str(out), "--timeout", "20")
+    assert rc == 0, err
+    assert len(kds.vcek_requests()) == 1 and out.stat().st_size > 0
+    rc, _, err = run(capsys, "kds", "fetch", "--platform", str(pf), "--config", str(cfg),
+                     "--url", f"http://{HOST}", "--cache-dir", str(tmp_path / "c2"),
+                     "-o", str(out), "--timeout", "1")
+    assert rc == exitcodes.UNAVAILABLE and "KDS relay" not in err, err
+    assert len(kds.vcek_requests()) == 1
 
 
 def test_config_relay_needs_one_target():
