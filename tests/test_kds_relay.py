@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -121,6 +122,22 @@ def test_relay_stopped_names_the_relay(kds, relay, tmp_path):
         c.vcek_blob_sync(platform, deadline_s=1)
     assert f"KDS relay {relay.sock}: No such file or directory" in str(e.value)
     assert kds.requests == []
+
+
+def test_relay_that_cannot_reach_its_target_is_named(tls, tmp_path):
+    """The relay accepts, cannot connect on (nothing listens on the port), and hangs up:
+    the failure says so instead of a bare TLS EOF."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again below: nothing listens there
+    r = Relay(tmp_path / "relay.sock", port)
+    try:
+        with pytest.raises(ConnectionResetError) as e:
+            kdsmod.http_get(f"https://{HOST}/vcek/v1/Milan/crl", 5, relay=r.sock,
+                            context=ssl.create_default_context(cafile=str(tls[0])))
+        assert f"KDS relay {r.sock} closed the connection before TLS with {HOST}" in str(e.value)
+    finally:
+        r.stop()
 
 
 def test_the_daemon_and_certctl_use_kds_relay(kds, relay, tmp_path):

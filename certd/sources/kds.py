@@ -199,8 +199,15 @@ class _RelayTLSConnection(http.client.HTTPSConnection):
         self.tls = context
 
     def connect(self) -> None:
-        self.sock = self.tls.wrap_socket(_relay_socket(self.relay, self.timeout),
-                                         server_hostname=self.host)
+        sock = _relay_socket(self.relay, self.timeout)
+        try:
+            self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+        except (ssl.SSLEOFError, ConnectionResetError) as e:
+            sock.close()
+            # What a relay that cannot reach its target does: accept, then hang up.
+            raise ConnectionResetError(errno.ECONNRESET, f"KDS relay {self.relay} closed the "
+                                       f"connection before TLS with {self.host} began "
+                                       f"(relay unable to reach it? {e})") from None
 
 
 def _relay_socket(relay: str, timeout: float | None) -> socket.socket:
