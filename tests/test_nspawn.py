@@ -2,7 +2,8 @@
 
 The script builds (or reuses) a cached Debian root, installs this worktree's certd and its
 units, boots it and checks socket activation, READY, reload (good and bad), the watchdog,
-the socket across restarts, journald priorities and access as a member of `kvm`. Its
+the socket across restarts, journald priorities, access as a member of `kvm`, certd
+without network (only `lo`) and a VCEK it fetches through the KDS relay. Its
 step-by-step output is printed (`-s` or `-rA` to see it on success).
 
 Skipped only where the script says it cannot run (exit 77: not root, or systemd-nspawn /
