@@ -23,6 +23,7 @@ import pwd
 import re
 import sys
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -166,6 +167,13 @@ def _opt_abs_path(v: Any) -> Path | None:
     return _abs_path(v)
 
 
+def _opt_socket_path(v: Any) -> Path | None:
+    """"" means "not set"."""
+    if isinstance(v, str) and v == "":
+        return None
+    return _socket_path(v)
+
+
 def _socket_path(v: Any) -> Path:
     p = _abs_path(v)
     if len(str(p).encode()) > _SUN_PATH_MAX:
@@ -230,6 +238,17 @@ def _url(v: Any) -> str:
     if s and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", s):
         raise _Bad(f"must be an http:// or https:// URL without query or fragment, got {s!r}")
     return s.rstrip("/")
+
+
+def _url_hosts(urls: tuple[str, ...]) -> list[str]:
+    """The distinct ``scheme://host:port`` of ``urls`` (what a relay would connect to)."""
+    out: list[str] = []
+    for url in urls:
+        u = urllib.parse.urlsplit(url)
+        where = f"{u.scheme}://{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}"
+        if where not in out:
+            out.append(where)
+    return out
 
 
 def _list_of(item: Callable[[Any], Any], what: str,
@@ -411,6 +430,9 @@ class KdsConfig:
         _number(0, 86_400), "first retry delay after a failure or HTTP 429"))
     max_backoff_s: float = field(default=300.0, metadata=_key(
         _number(0, 86_400), "longest retry delay"))
+    relay: Path | None = field(default=None, metadata=_key(
+        _opt_socket_path, "Unix socket of a TCP relay to the KDS source (the shipped unit's "
+        "certd-kds-relay.socket); \"\" = connect directly"))
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -713,6 +735,10 @@ def parse(text: str, source: str = "<string>") -> Config:
     if kds is not None and kds.max_backoff_s < kds.min_backoff_s:
         b.bad(("kds", "max_backoff_s"),
               f"must be at least min_backoff_s ({kds.min_backoff_s:g}), got {kds.max_backoff_s:g}")
+    if kds is not None and kds.relay is not None and len(_url_hosts(kds.urls)) > 1:
+        b.bad(("kds", "relay"), "a relay forwards to one host, but kds.mirrors and "
+              f"kds.base_url name {len(_url_hosts(kds.urls))}: "
+              f"{', '.join(_url_hosts(kds.urls))}; keep the relay's target only")
     metrics = parts.get("metrics")
     if metrics is not None and metrics.listen and \
             Path(metrics.listen) == parts.get("server", ServerConfig()).socket:

@@ -2,7 +2,8 @@
 
 The script builds (or reuses) a cached Debian root, installs this worktree's certd and its
 units, boots it and checks socket activation, READY, reload (good and bad), the watchdog,
-the socket across restarts, journald priorities and access as a member of `kvm`. Its
+the socket across restarts, journald priorities, access as a member of `kvm`, certd
+without network (only `lo`) and a VCEK it fetches through the KDS relay. Its
 step-by-step output is printed (`-s` or `-rA` to see it on success).
 
 Skipped only where the script says it cannot run (exit 77: not root, or systemd-nspawn /
@@ -49,7 +50,7 @@ def test_units_under_a_real_systemd():
     rc, out = nspawn_test()
     assert rc == 0, out[-4000:]
     assert out.rstrip().endswith("nspawn-test: PASS")
-    for step in range(1, 12):
+    for step in range(1, 13):
         assert f"[{step}] " in out, f"step {step} did not run"
     assert "  ok  " in out and "FAIL" not in out
 

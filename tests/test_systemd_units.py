@@ -1,7 +1,8 @@
 """The systemd files: `systemd-analyze verify` prints nothing, the hardening exposure stays
-<= 1.2 (<= 1.0 with the no-network drop-in) and is printed, so the CI log shows it, the
-socket stays out of the service's RuntimeDirectory, and the units agree with the code's
-defaults. (tests/test_nspawn.py boots them under a real systemd.)
+<= 1.0 (certd.service, no network; <= 1.2 with the direct-network drop-in; the KDS relay's
+<= 1.1) and is printed, so the CI log shows it, the socket stays out of the service's
+RuntimeDirectory, and the units agree with the code's defaults. (tests/test_nspawn.py boots
+them under a real systemd.)
 
 Run with `-rA` or `-s` to see the printed exposure figures."""
 
@@ -80,29 +81,40 @@ def test_security_exposure(units):
 
 
 @needs_analyze
-def test_security_exposure_without_network(units, tmp_path):
-    """The documented drop-in for hosts that never fetch from KDS gets to <= 1.0."""
-    nonet = check_units.with_dropin(units[0], check_units.NO_NETWORK_DROPIN,
-                                    tmp_path / "certd-nonet.service")
-    figure, table = check_units.exposure(nonet)
-    print(f"\ncertd.service + {check_units.NO_NETWORK_DROPIN.name} exposure: {figure:.1f} "
-          f"(max {check_units.MAX_EXPOSURE_NO_NETWORK})")
-    assert figure <= check_units.MAX_EXPOSURE_NO_NETWORK, table
+def test_security_exposure_no_network(units):
+    """certd.service has no network: KDS only through the relay's Unix socket."""
+    _, table = check_units.exposure(units[0])
     assert "PrivateNetwork=" not in _bad_items(table)
     assert "RestrictAddressFamilies=~AF_(INET|INET6)" not in _bad_items(table)
+    assert "IPAddressDeny=" not in _bad_items(table)
 
 
 @needs_analyze
-def test_no_network_dropin_needs_the_reset_line(units, tmp_path):
-    """Negative control: without the empty `RestrictAddressFamilies=` a second allow list is
-    added to the unit's (AF_INET stays allowed): the check above must see that."""
-    dropin = tmp_path / "no-reset.conf"
-    dropin.write_text(check_units.NO_NETWORK_DROPIN.read_text()
-                      .replace("RestrictAddressFamilies=\n", ""))
-    assert dropin.read_text().count("RestrictAddressFamilies=") == 1
-    nonet = check_units.with_dropin(units[0], dropin, tmp_path / "certd-nonet.service")
-    _, table = check_units.exposure(nonet)
-    assert "RestrictAddressFamilies=~AF_(INET|INET6)" in _bad_items(table)
+def test_direct_network_dropin_exceeds_the_limit(units, tmp_path):
+    """Negative control: the direct-network drop-in opens the network again; the 1.0 check
+    must see it (and the drop-in stays within its documented 1.2)."""
+    direct = check_units.with_dropin(units[0], check_units.DIRECT_NETWORK_DROPIN,
+                                     tmp_path / "certd-direct.service")
+    figure, table = check_units.exposure(direct)
+    print(f"\ncertd.service + {check_units.DIRECT_NETWORK_DROPIN.name} exposure: {figure:.1f} "
+          f"(max {check_units.MAX_EXPOSURE_DIRECT})")
+    assert MAX_EXPOSURE < figure <= check_units.MAX_EXPOSURE_DIRECT, table
+    assert {"PrivateNetwork=", "RestrictAddressFamilies=~AF_(INET|INET6)",
+            "IPAddressDeny="} <= _bad_items(table)
+
+
+@needs_analyze
+def test_relay_exposure(units):
+    relay = units[0].parent / check_units.RELAY_SERVICE
+    figure, table = check_units.exposure(relay)
+    print(f"\n{check_units.RELAY_SERVICE} exposure: {figure:.1f} "
+          f"(max {check_units.MAX_EXPOSURE_RELAY})")
+    assert figure <= check_units.MAX_EXPOSURE_RELAY, table
+    # What stays open is the network (and AF_UNIX for name lookups), besides what certd's
+    # unit also keeps (the host's root, char-rtc which ProtectClock= adds).
+    assert _bad_items(table) == {"PrivateNetwork=", "RestrictAddressFamilies=~AF_(INET|INET6)",
+                                 "IPAddressDeny=", "RestrictAddressFamilies=~AF_UNIX",
+                                 "RootDirectory=/RootImage=", "DeviceAllow="}, table
 
 
 def _bad_items(table: str) -> set[str]:
@@ -133,9 +145,12 @@ def test_service_unit_essentials():
     assert "certd" in s["CacheDirectory"][0].split()
     assert s["ConfigurationDirectory"] == ["certd"]
     assert "/dev/sev r" in s["DeviceAllow"]
-    # KDS is fetched over HTTPS: the network must stay reachable.
-    assert s.get("PrivateNetwork", ["no"]) == ["no"]
-    assert {"AF_INET", "AF_INET6", "AF_UNIX"} <= set(s["RestrictAddressFamilies"][0].split())
+    # No network: KDS through the relay's Unix socket, which the service pulls in.
+    assert s["PrivateNetwork"] == ["yes"]
+    assert s["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert s["IPAddressDeny"] == ["any"]
+    assert "certd-kds-relay.socket" in u["Unit"]["Wants"][-1].split()
+    assert "certd-kds-relay.socket" in u["Install"]["Also"][0].split()
     # PrivateUsers would turn every peer uid into 65534 and break SO_PEERCRED checks.
     assert s.get("PrivateUsers", ["no"]) == ["no"]
     # A private /dev; /dev/sev bound in read-only where it exists.
@@ -169,6 +184,26 @@ def test_socket_unit_matches_the_code():
     assert any(line.split()[:2] == ["g", group] for line in sysusers if line.strip()), \
         f"sysusers must make sure group {group!r} exists"
     assert any(line.split()[:2] == ["u", "certd"] for line in sysusers if line.strip())
+
+
+def test_relay_units():
+    """The relay socket is where the docs and the example config say, only certd (and root)
+    may connect, and the service forwards to AMD KDS's host."""
+    sock = unit("certd-kds-relay.socket")["Socket"]
+    path = sock["ListenStream"][0]
+    assert path == "/run/certd-kds/relay.sock"
+    assert f'"{path}"' in (ROOT / "contrib/certd.toml.example").read_text()
+    assert f'"{path}"' in (ROOT / "docs/configuration.md").read_text()
+    assert config.parse(f'[kds]\nrelay = "{path}"\n').kds.relay == Path(path)
+    assert (sock["SocketUser"], sock["SocketGroup"], sock["SocketMode"]) == \
+        (["root"], ["certd"], ["0660"])
+    svc = unit("certd-kds-relay.service")
+    exec_start = svc["Service"]["ExecStart"][0].split()
+    assert exec_start[0] == "/usr/lib/systemd/systemd-socket-proxyd"
+    base = config.Config().kds.base_url
+    assert exec_start[-1] == base.removeprefix("https://") + ":443"
+    assert svc["Service"]["DynamicUser"] == ["yes"]
+    assert "certd-kds-relay.socket" in svc["Unit"]["Requires"][0].split()
 
 
 def test_tmpfiles_creates_the_default_directories():

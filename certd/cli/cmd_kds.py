@@ -26,7 +26,8 @@ EPILOG = """\
 Which chip and TCB: --platform FILE (a platform file, docs/platform.md), else the
 [platform] section of --config (default /etc/certd/certd.toml), i.e. /dev/sev on an SNP
 host. Where from: the config's [kds] mirrors, then base_url (--url overrides, repeatable),
-with its cache_dir (--cache-dir overrides) and retry settings.
+with its cache_dir (--cache-dir overrides), retry settings and relay (kds.relay: the
+Unix socket of a relay to the configured source; --url connects directly).
 
 The VCEK is the one for the platform's REPORTED TCB (or --tcb). Every answer is checked
 before it is used or cached: it must parse, chain to AMD's pinned ARK/ASK (or --roots),
@@ -141,7 +142,7 @@ def _client(args: argparse.Namespace, cfg: configmod.Config) -> KdsClient:
     return KdsClient(urls, Path(args.cache_dir) if args.cache_dir else k.cache_dir,
                      trust=certinfo.trust_from_args(args), timeout_s=k.timeout_s,
                      min_backoff_s=k.min_backoff_s, max_backoff_s=k.max_backoff_s,
-                     log=_StderrLog())
+                     relay=None if args.url else k.relay, log=_StderrLog())
 
 
 def _platform(args: argparse.Namespace, cfg: configmod.Config) -> Platform:

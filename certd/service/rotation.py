@@ -82,7 +82,8 @@ def kds_client(cfg: configmod.Config, trust: TrustStore):
         return None
     from certd.sources import kds  # the HTTP stack loads only when KDS is configured
     return kds.KdsClient(list(k.urls), k.cache_dir, trust=trust, timeout_s=k.timeout_s,
-                         min_backoff_s=k.min_backoff_s, max_backoff_s=k.max_backoff_s)
+                         min_backoff_s=k.min_backoff_s, max_backoff_s=k.max_backoff_s,
+                         relay=k.relay)
 
 
 @dataclass

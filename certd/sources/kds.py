@@ -30,7 +30,9 @@ What it guarantees (docs/fleet.md and docs/configuration.md ``[kds]`` say the sa
 HTTP is the standard library's ``http.client``, run in a worker thread: each request gets
 an absolute deadline of ``timeout_s`` that also bounds a slowly trickling body (the socket
 timeout is set to the time left before every read). No proxy support: a fleet points
-``kds.mirrors`` at an HTTP cache instead (docs/fleet.md).
+``kds.mirrors`` at an HTTP cache instead (docs/fleet.md). With ``kds.relay`` every
+connection is made to that Unix socket, a TCP relay to the source's host (the shipped
+certd.service has no network; docs/systemd.md), with TLS still end to end.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import errno
 import http.client
 import os
 import random
+import socket
 import ssl
 import threading
 import time
@@ -174,19 +177,85 @@ class _Response:
     body: bytes
 
 
-def http_get(url: str, timeout_s: float) -> _Response:
+class _RelayConnection(http.client.HTTPConnection):
+    """Plain HTTP to ``host`` over a stream Unix socket (a relay that forwards to it)."""
+
+    def __init__(self, host: str, port: int | None, relay: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.relay = relay
+
+    def connect(self) -> None:
+        self.sock = _relay_socket(self.relay, self.timeout)
+
+
+class _RelayTLSConnection(http.client.HTTPSConnection):
+    """HTTPS over the relay's Unix socket: TLS end to end with the URL's host, whose name
+    is sent as SNI and checked against its certificate (the relay only moves bytes)."""
+
+    def __init__(self, host: str, port: int | None, relay: str, timeout: float,
+                 context: ssl.SSLContext):
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.relay = relay
+        self.tls = context
+
+    def connect(self) -> None:
+        sock = _relay_socket(self.relay, self.timeout)
+        try:
+            self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+        except (ssl.SSLEOFError, ConnectionResetError) as e:
+            sock.close()
+            # What a relay that cannot reach its target does: accept, then hang up.
+            raise ConnectionResetError(errno.ECONNRESET, f"KDS relay {self.relay} closed the "
+                                       f"connection before TLS with {self.host} began "
+                                       f"(relay unable to reach it? {e})") from None
+
+
+def _relay_socket(relay: str, timeout: float | None) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        s.connect(relay)
+    except OSError as e:
+        s.close()
+        # Say which socket: "No such file or directory" alone reads like a missing URL.
+        raise type(e)(e.errno, f"KDS relay {relay}: {e.strerror or e}") from None
+    return s
+
+
+def _only_loopback() -> bool:
+    """True if this process's network namespace has no device but ``lo``."""
+    try:
+        lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return False
+    return {line.split(":")[0].strip() for line in lines} == {"lo"}
+
+
+def http_get(url: str, timeout_s: float, *, relay: str | os.PathLike[str] | None = None,
+             context: ssl.SSLContext | None = None) -> _Response:
     """GET ``url``; the whole exchange (connect, headers, body) within ``timeout_s``.
+
+    ``relay``: connect to this Unix socket instead of the URL's host (a TCP relay such as
+    systemd-socket-proxyd forwarding to it; docs/systemd.md); HTTP and TLS (SNI, host name
+    check) stay as for a direct connection. ``context``: the TLS context (default: the
+    system's trust store, certificate and host name verified).
 
     Raises ``OSError`` (including ``TimeoutError``) or ``http.client.HTTPException``."""
     deadline = time.monotonic() + timeout_s
     u = urllib.parse.urlsplit(url)
-    if u.scheme == "https":
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            u.hostname, u.port, timeout=timeout_s, context=ssl.create_default_context())
-    elif u.scheme == "http":
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout_s)
-    else:
+    if u.scheme not in ("http", "https"):
         raise ValueError(f"unsupported URL scheme in {url!r}")
+    tls = (context or ssl.create_default_context()) if u.scheme == "https" else None
+    host = u.hostname or ""
+    conn: http.client.HTTPConnection
+    if relay is not None and tls is not None:
+        conn = _RelayTLSConnection(host, u.port, os.fspath(relay), timeout_s, tls)
+    elif relay is not None:
+        conn = _RelayConnection(host, u.port, os.fspath(relay), timeout_s)
+    elif tls is not None:
+        conn = http.client.HTTPSConnection(host, u.port, timeout=timeout_s, context=tls)
+    else:
+        conn = http.client.HTTPConnection(host, u.port, timeout=timeout_s)
 
     def left() -> float:
         remaining = deadline - time.monotonic()
@@ -195,6 +264,15 @@ def http_get(url: str, timeout_s: float) -> _Response:
         return remaining
 
     try:
+        try:
+            conn.connect()
+        except OSError as e:
+            if relay is None and _only_loopback():
+                # The shipped certd.service has no network; a bare "Name or service not
+                # known" would not say that the relay is what is missing.
+                raise type(e)(e.errno, f"{e.strerror or e} (this process has no network but "
+                              "lo: set kds.relay, docs/systemd.md)") from None
+            raise
         target = u.path + (f"?{u.query}" if u.query else "")
         conn.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": "*/*"})
         sock = conn.sock  # getresponse() drops conn.sock when the server closes after it
@@ -324,17 +402,23 @@ class KdsClient:
 
     ``urls``: base URLs tried in order (``KdsConfig.urls``). ``trust``: the anchors that
     every answer must chain to (AMD's pinned store, or a development PKI's). ``log``: a
-    structlog-style logger (``.info``/``.warning``).
+    structlog-style logger (``.info``/``.warning``). ``relay``: every request goes through
+    this Unix socket (``kds.relay``; see :func:`http_get`). ``ssl_context``: the TLS context
+    for https:// sources (default: the system's, fully verifying; tests pass a test CA's).
     """
 
     def __init__(self, urls: Sequence[str], cache_dir: str | os.PathLike[str], *,
                  trust: TrustStore, timeout_s: float = 10.0, min_backoff_s: float = 10.0,
                  max_backoff_s: float = 300.0, log: Any = None,
-                 rng: Callable[[], float] = random.random):
+                 rng: Callable[[], float] = random.random,
+                 relay: str | os.PathLike[str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         self.urls = tuple(u.rstrip("/") for u in urls)
         self.cache_dir = Path(cache_dir)
         self.trust = trust
         self.timeout_s = timeout_s
+        self.relay = relay
+        self.ssl_context = ssl_context
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max(max_backoff_s, min_backoff_s)
         self.log = log if log is not None else _log
@@ -454,7 +538,7 @@ class KdsClient:
             with self._mutex:
                 self.requests += 1
         try:
-            r = http_get(url, self.timeout_s)
+            r = http_get(url, self.timeout_s, relay=self.relay, context=self.ssl_context)
         except (OSError, http.client.HTTPException) as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
             return None, SourceFailure(url, "network", f"{type(e).__name__}: {why}"), None
