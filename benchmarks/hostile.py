@@ -402,29 +402,27 @@ class Phase:
     seconds: float = 0.0
 
 
-def good_vm(sock: str, ph: Phase, end: float, period: float = 0.025) -> None:
+def good_vm(c, ph: Phase, end: float, period: float = 0.025) -> None:
+    """``c``: the good VM's certd.client.Client, connected before the attacks began (a
+    running VM); if the daemon drops it, the next op reconnects."""
     from certd import client as clientmod
-    c = clientmod.Client(sock, timeout=10)
-    try:
-        nxt = time.monotonic()
-        while time.monotonic() < end:
-            t0 = time.monotonic()
-            try:
-                r = c.get("good-vm", NPAGES)
-                t1 = time.monotonic()
-                if r.ret == wire.EAGAIN:
-                    ph.eagain_times.append(t1 - t0)
-                if r.lease_id:
-                    c.release(r.lease_id)
-                ph.good.append(Op(t0, time.monotonic() - t0, r.ret))
-            except clientmod.ClientError as e:
-                ph.good.append(Op(t0, time.monotonic() - t0, None, type(e).__name__
-                                  + (f":{wire.ErrorCode(e.code).name}" if e.code else "")))
-                c.close()
-            nxt += period
-            time.sleep(max(0.0, nxt - time.monotonic()))
-    finally:
-        c.close()
+    nxt = time.monotonic()
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        try:
+            r = c.get("good-vm", NPAGES)
+            t1 = time.monotonic()
+            if r.ret == wire.EAGAIN:
+                ph.eagain_times.append(t1 - t0)
+            if r.lease_id:
+                c.release(r.lease_id)
+            ph.good.append(Op(t0, time.monotonic() - t0, r.ret))
+        except clientmod.ClientError as e:
+            ph.good.append(Op(t0, time.monotonic() - t0, None, type(e).__name__
+                              + (f":{wire.ErrorCode(e.code).name}" if e.code else "")))
+            c.close()
+        nxt += period
+        time.sleep(max(0.0, nxt - time.monotonic()))
 
 
 def newcomers(sock: str, ph: Phase, end: float, tag: str, period: float = 2.0) -> None:
@@ -485,7 +483,8 @@ def updater(blob: Path, ph: Phase, end: float, period: float = 5.0) -> None:
         ph.windows.append((t0 + (j.get("waited_s") or 0.0), t1))
 
 
-def deadline_probe(sock: str, blob: Path, ph: Phase, end: float, period: float = 5.0) -> None:
+def deadline_probe(c, blob: Path, ph: Phase, end: float, period: float = 5.0) -> None:
+    """``c``: the probe VM's Client, connected before the attacks (like the good VM)."""
     from certd import client as clientmod
     nxt = time.monotonic() + 3.5
     k = 0
@@ -495,12 +494,6 @@ def deadline_probe(sock: str, blob: Path, ph: Phase, end: float, period: float =
             return
         nxt += period
         k += 1
-        try:
-            c = clientmod.Client(sock, timeout=10)
-            c.connect()
-        except clientmod.ClientError as e:
-            ph.probes.append(Op(time.monotonic(), 0.0, None, "connect:" + type(e).__name__))
-            continue
         p = _certctl_lock(blob, "sh", "-c", "echo held; exec sleep 0.4")
         try:
             line = p.stdout.readline()  # "held": the exclusive lock is ours now
@@ -519,8 +512,8 @@ def deadline_probe(sock: str, blob: Path, ph: Phase, end: float, period: float =
                     ph.eagain_times.append(dt)
             except clientmod.ClientError as e:
                 ph.probes.append(Op(t0, time.monotonic() - t0, None, type(e).__name__))
+                c.close()  # reconnect on the next probe
         finally:
-            c.close()
             try:
                 p.communicate(timeout=30)
             except subprocess.TimeoutExpired:
@@ -529,15 +522,16 @@ def deadline_probe(sock: str, blob: Path, ph: Phase, end: float, period: float =
             ph.windows.append((t_held, time.monotonic()))
 
 
-def measure(d, ph: Phase, seconds: float, tag: str) -> None:
-    """Run the measured clients for ``seconds`` (threads; each bounded by the same end)."""
+def measure(d, ph: Phase, seconds: float, tag: str, good, probe) -> None:
+    """Run the measured clients for ``seconds`` (threads; each bounded by the same end).
+    ``good``/``probe``: the long-running VMs' Clients (kept across phases)."""
     log0 = d.log_path.stat().st_size
     t0 = time.monotonic()
     end = t0 + seconds
-    threads = [threading.Thread(target=good_vm, args=(d.socket, ph, end)),
+    threads = [threading.Thread(target=good_vm, args=(good, ph, end)),
                threading.Thread(target=newcomers, args=(d.socket, ph, end, tag)),
                threading.Thread(target=updater, args=(d.blob, ph, end)),
-               threading.Thread(target=deadline_probe, args=(d.socket, d.blob, ph, end))]
+               threading.Thread(target=deadline_probe, args=(probe, d.blob, ph, end))]
     for t in threads:
         t.start()
     for t in threads:
@@ -714,8 +708,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d = start_daemon(tmp / "d", parse_keys(a.server_keys))
         print(f"certd pid {d.proc.pid}; unloaded {a.baseline_seconds:g} s", flush=True)
+        from certd import client as clientmod
+        good = clientmod.Client(d.socket, timeout=10)
+        probe = clientmod.Client(d.socket, timeout=10)
+        good.connect()
+        probe.connect()
         base = Phase("unloaded")
-        measure(d, base, a.baseline_seconds, "base")
+        measure(d, base, a.baseline_seconds, "base", good, probe)
         print(f"attacks {','.join(a.attacks)}: ramp {a.ramp_seconds:g} s, "
               f"measure {a.seconds:g} s", flush=True)
         procs = run_attackers(a, d.socket, a.ramp_seconds + a.seconds)
@@ -729,7 +728,9 @@ def main(argv: list[str] | None = None) -> int:
         ramp["daemon_fds"] = fd_count(d.proc.pid)
         print(f"after the ramp: {ramp}", flush=True)
         att = Phase("attacked")
-        measure(d, att, a.seconds, "att")
+        measure(d, att, a.seconds, "att", good, probe)
+        good.close()
+        probe.close()
         attackers = stop_procs(procs, 30)
         procs = {}
         bs, at = summarize(base), summarize(att)
