@@ -24,19 +24,20 @@ _spec.loader.exec_module(fuzz)
 
 TARGETS = fuzz.targets()
 
-#: Parsers that still crash on malformed certificates, CRLs and keys: cryptography parses
-#: names and keys lazily, so a DER that loads can raise ValueError (or DuplicateExtension,
-#: not a ValueError) later. certd/verify/pki.py classify() reads cert.subject/cert.issuer
-#: and cert.extensions outside its try (ValueError, DuplicateExtension), crl_from_der reads
-#: crl.issuer outside it, and certd/verify/chain.py verify_chain calls
-#: leaf.cert.public_key() unguarded ("Invalid key"). strict: once fixed, these XPASS and
-#: fail, so the marker must be removed.
+#: Parsers that still crash on malformed certificates, CRLs and keys (found by this fuzzer).
+#: cryptography decodes names, extensions and keys lazily, so a DER that loads raises later,
+#: outside certd/verify/pki.py's try blocks: ValueError from cert.subject/cert.issuer in
+#: classify() and from crl.issuer in crl_from_der(); DuplicateExtension and TypeError (not
+#: ValueErrors) from cert.extensions/names; InvalidVersion (not a ValueError) from
+#: load_der_x509_certificate in parse_der_certificate(); ValueError ("Invalid key") and
+#: UnsupportedAlgorithm from leaf.cert.public_key() in certd/verify/chain.py verify_chain.
+#: strict: once fixed these XPASS and fail, so the marker must then be removed.
 KNOWN_CRASHES = {
     "pki-load-bytes", "pki-cert-der", "pki-crl-der", "policy-check-blob", "kds-vcek",
     "kds-crl", "kds-chain", "dropdir-judge",
 }
 _XFAIL = pytest.mark.xfail(strict=True, reason="certd/verify/pki.py and chain.py let "
-                           "cryptography's lazy ValueError/DuplicateExtension escape")
+                           "cryptography's lazily raised errors escape (see KNOWN_CRASHES)")
 
 
 def _params():
