@@ -128,3 +128,46 @@ def test_control_an_endless_loop_is_interrupted():
     assert res.inputs == 3
     assert res.hangs == 2 and res.crashes == 0
     assert all(f.kind == "hang" for f in res.findings)
+
+
+# --------------------------------------------------------------------------- consequence
+
+@pytest.mark.xfail(strict=True, reason="a blob with a certificate whose key does not decode makes "
+                   "certd/amd/roots.py spki() (cert.public_key()) raise ValueError out of "
+                   "policy.check_blob: the daemon exits at startup (see KNOWN_CRASHES)")
+def test_daemon_starts_on_a_blob_with_an_undecodable_key(tmp_path):
+    """Fuzz input 27 of policy-check-blob (seed 0): a valid blob with one certificate's key
+    damaged. A daemon started on it must come up and name the problem, not exit."""
+    from cryptography import x509
+    from certd.abi import table
+    from certd.abi.table import Role
+    from tests.daemon_support import make_daemon, status_of
+    target = TARGETS["policy-check-blob"]
+    blob = fuzz.inputs_of(target, 0)(27)
+    # Preconditions: a seed blob with a few bytes changed, still a well-formed table, and
+    # it is a certificate's key (not the DER framing) that does not decode.
+    near = [g for g in target.seeds() if len(g) == len(blob)]
+    assert near and min(sum(a != b for a, b in zip(blob, g)) for g in near) <= 16
+    def key_decodes(der: bytes) -> bool:
+        try:
+            x509.load_der_x509_certificate(der).public_key()
+            return True
+        except ValueError:
+            return False
+    entries = table.decode(blob).entries
+    assert not all(key_decodes(e.data) for e in entries if e.role is not Role.CRL)
+    d = make_daemon(tmp_path / "d", blob=blob)
+    try:
+        d.start(wait=False)
+        for _ in range(60):  # READY=1, or the daemon's exit, whichever comes first
+            try:
+                d.notify.wait_for("READY=1", timeout=0.5)
+                break
+            except TimeoutError:
+                assert d.proc.poll() is None, f"certd exited {d.proc.returncode}:\n{d.log()[-2000:]}"
+        else:
+            raise AssertionError("certd neither got ready nor exited in 30 s")
+        st = status_of(d.socket)
+        assert st["profiles"][0]["problems"], st
+    finally:
+        d.stop()
