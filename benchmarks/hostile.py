@@ -400,6 +400,21 @@ class Phase:
     log_bytes: int = 0
     log_lines: int = 0
     seconds: float = 0.0
+    cpu_s: float = 0.0      # the daemon's utime+stime during the phase
+    rss_kib: int = 0        # the daemon's VmRSS at the end of the phase
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of ``pid`` (/proc/PID/stat fields 14 and 15), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def good_vm(c, ph: Phase, end: float, period: float = 0.025) -> None:
@@ -526,6 +541,7 @@ def measure(d, ph: Phase, seconds: float, tag: str, good, probe) -> None:
     """Run the measured clients for ``seconds`` (threads; each bounded by the same end).
     ``good``/``probe``: the long-running VMs' Clients (kept across phases)."""
     log0 = d.log_path.stat().st_size
+    cpu0 = cpu_seconds(d.proc.pid)
     t0 = time.monotonic()
     end = t0 + seconds
     threads = [threading.Thread(target=good_vm, args=(good, ph, end)),
@@ -538,6 +554,8 @@ def measure(d, ph: Phase, seconds: float, tag: str, good, probe) -> None:
         t.join(seconds + 120)
         assert not t.is_alive(), f"a measured client of {ph.name} did not stop"
     ph.seconds = time.monotonic() - t0
+    ph.cpu_s = cpu_seconds(d.proc.pid) - cpu0
+    ph.rss_kib = rss_kib(d.proc.pid)
     with open(d.log_path, "rb") as f:
         f.seek(log0)
         data = f.read()
@@ -587,6 +605,8 @@ def summarize(ph: Phase) -> dict:
         "eagain_answer_max_ms": max(ph.eagain_times, default=float("nan")) * 1e3,
         "log_bytes_per_min": ph.log_bytes / ph.seconds * 60 if ph.seconds else 0,
         "log_lines_per_min": ph.log_lines / ph.seconds * 60 if ph.seconds else 0,
+        "daemon_cpu_cores": ph.cpu_s / ph.seconds if ph.seconds else 0,
+        "daemon_rss_mib": ph.rss_kib / 1024,
     }
 
 
@@ -625,6 +645,9 @@ def table(base: dict, att: dict, attackers: dict) -> str:
          f"slowest EAGAIN of any measured client {f(att['eagain_answer_max_ms'], 1)} ms "
          f"({f(late, 1)} ms past the deadline; unloaded probe max "
          f"{f(base['probe_eagain_max_ms'], 1)} ms)", "within 10 ms of the deadline"),
+        ("certd CPU (cores) / RSS at the end of the phase",
+         f"{f(att['daemon_cpu_cores'])} / {f(att['daemon_rss_mib'], 1)} MiB (unloaded "
+         f"{f(base['daemon_cpu_cores'])} / {f(base['daemon_rss_mib'], 1)} MiB)", "-"),
     ]
     w0 = max(len(r[0]) for r in rows)
     lines = [f"| {'measured':{w0}} | value | target |", f"|{'-' * (w0 + 2)}|---|---|"]
