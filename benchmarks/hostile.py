@@ -578,6 +578,9 @@ def explained(op: Op, windows: list[tuple[float, float]]) -> bool:
 
 def summarize(ph: Phase) -> dict:
     ok = [o.dt for o in ph.good if o.ret == wire.RET_OK]
+    # the good VM's ops that did not overlap an update (updater/probe exclusive hold): what
+    # the attacks alone cost
+    clean = [o.dt for o in ph.good if o.ret == wire.RET_OK and not explained(o, ph.windows)]
     eagain = [o for o in ph.good if o.ret == wire.EAGAIN]
     fail = [o for o in ph.good if o.ret not in (wire.RET_OK, wire.EAGAIN)]
     new_ok = [o for o in ph.newcomers if o.ret == wire.RET_OK]
@@ -588,6 +591,8 @@ def summarize(ph: Phase) -> dict:
         "good_ops": len(ph.good), "good_ok": len(ok),
         "good_p50_ms": pct(ok, 0.5) * 1e3, "good_p99_ms": pct(ok, 0.99) * 1e3,
         "good_max_ms": max(ok, default=float("nan")) * 1e3,
+        "good_clean_ops": len(clean),
+        "good_clean_p50_ms": pct(clean, 0.5) * 1e3, "good_clean_p99_ms": pct(clean, 0.99) * 1e3,
         "good_eagain": len(eagain),
         "good_eagain_unexplained": sum(not explained(o, ph.windows) for o in eagain),
         "good_failed": len(fail),
@@ -612,13 +617,16 @@ def summarize(ph: Phase) -> dict:
 
 def table(base: dict, att: dict, attackers: dict) -> str:
     f = lambda x, n=2: "n/a" if x != x else f"{x:.{n}f}"  # noqa: E731  (NaN -> n/a)
-    ratio99 = att["good_p99_ms"] / base["good_p99_ms"] if base["good_p99_ms"] else float("nan")
-    ratio50 = att["good_p50_ms"] / base["good_p50_ms"] if base["good_p50_ms"] else float("nan")
+    r = lambda k: att[k] / base[k] if base[k] else float("nan")  # noqa: E731
+    ratio99, ratio50, clean99 = r("good_p99_ms"), r("good_p50_ms"), r("good_clean_p99_ms")
     eag = att["good_eagain"] / att["good_ops"] * 100 if att["good_ops"] else float("nan")
     late = att["eagain_answer_max_ms"] - DEADLINE_MS
     rows = [
-        ("good VM GET+RELEASE p99 under the attacks / unloaded",
-         f"{f(ratio99)}x ({f(att['good_p99_ms'])} ms vs {f(base['good_p99_ms'])} ms)", "<= 5x"),
+        ("good VM GET+RELEASE p99 under the attacks / unloaded, outside updates",
+         f"{f(clean99)}x ({f(att['good_clean_p99_ms'])} ms vs {f(base['good_clean_p99_ms'])} ms;"
+         f" {att['good_clean_ops']} and {base['good_clean_ops']} ops)", "<= 5x"),
+        ("good VM GET+RELEASE p99 under the attacks / unloaded, all ops",
+         f"{f(ratio99)}x ({f(att['good_p99_ms'])} ms vs {f(base['good_p99_ms'])} ms)", "-"),
         ("good VM GET+RELEASE p50 under the attacks / unloaded",
          f"{f(ratio50)}x ({f(att['good_p50_ms'])} ms vs {f(base['good_p50_ms'])} ms)", "-"),
         ("good VM EAGAIN under the attacks",
@@ -759,8 +767,10 @@ def main(argv: list[str] | None = None) -> int:
         bs, at = summarize(base), summarize(att)
         print(table(bs, at, attackers))
         if a.json:
+            raw = {ph.name: {"good": [(o.t, o.dt, o.ret, o.err) for o in ph.good],
+                             "windows": ph.windows} for ph in (base, att)}
             Path(a.json).write_text(json.dumps({"unloaded": bs, "attacked": at, "ramp": ramp,
-                                                "attackers": attackers}, indent=1))
+                                                "attackers": attackers, "raw": raw}, indent=1))
         alive = d.proc.poll() is None
         print(f"certd still running at the end: {alive}", flush=True)
         return 0 if alive else 1
