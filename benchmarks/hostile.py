@@ -144,6 +144,24 @@ class Attack:
     async def nap(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, min(seconds, self.left())))
 
+    async def sessions(self, pause: float | None = None,
+                       sem: asyncio.Semaphore | None = None):
+        """Connected sockets, one after another until the phase ends: each is closed when
+        the consumer is done with it, then the next comes ``pause`` s later (default
+        ``--reconnect-s``; also after a failed connect). ``sem`` bounds concurrent connects."""
+        while self.left() > 0:
+            if sem is not None:
+                async with sem:
+                    s = await self.connect()
+            else:
+                s = await self.connect()
+            if s is not None:
+                try:
+                    yield s
+                finally:
+                    s.close()
+            await self.nap(self.o.reconnect_s if pause is None or s is None else pause)
+
     async def until_closed(self, s: socket.socket) -> None:
         """Read (and drop) until the daemon closes ``s`` or the phase ends."""
         while self.left() > 0:
@@ -157,54 +175,44 @@ class Attack:
                 self.count("closed_by_daemon")
                 return
 
+    async def reply(self, s: socket.socket, dec: wire.Decoder) -> wire.Message | None:
+        """The next message on ``s``; None if the daemon closed it or the phase ended."""
+        while True:
+            msg = dec.next()
+            if msg is not None:
+                return msg
+            try:
+                d = await asyncio.wait_for(self.loop.sock_recv(s, 65536),
+                                           max(0.01, self.left()))
+            except asyncio.TimeoutError:
+                return None
+            if not d:
+                return None
+            dec.feed(d)
+
     # -- the six attacks
 
     async def idle_one(self, sem: asyncio.Semaphore) -> None:
-        while self.left() > 0:
-            async with sem:
-                s = await self.connect()
-            if s is None:
-                await self.nap(self.o.reconnect_s)
-                continue
-            try:
-                await self.until_closed(s)
-            finally:
-                s.close()
-            await self.nap(self.o.reconnect_s)
+        async for s in self.sessions(sem=sem):
+            await self.until_closed(s)
 
     async def slowloris_one(self, i: int) -> None:
         await self.nap(random.random() * self.o.slow_interval)
-        while self.left() > 0:
-            s = await self.connect()
-            if s is None:
-                await self.nap(self.o.reconnect_s)
-                continue
-            frame = wire.encode_get(1, f"slow-{i}", NPAGES)
-            closed = False
-            try:
-                for b in frame:
-                    if self.left() <= 0:
-                        break
-                    try:
-                        await self.loop.sock_sendall(s, bytes([b]))
-                        self.count("bytes_sent")
-                    except OSError:
-                        self.count("closed_by_daemon")
-                        closed = True
-                        break
-                    await self.nap(self.o.slow_interval)
-            finally:
-                s.close()
-            if closed:
-                await self.nap(self.o.reconnect_s)
+        async for s in self.sessions():
+            for b in wire.encode_get(1, f"slow-{i}", NPAGES):
+                if self.left() <= 0:
+                    break
+                try:
+                    await self.loop.sock_sendall(s, bytes([b]))
+                    self.count("bytes_sent")
+                except OSError:
+                    self.count("closed_by_daemon")
+                    break
+                await self.nap(self.o.slow_interval)
 
     async def hoard_one(self, i: int) -> None:
         vm = f"hoard-{i}"
-        while self.left() > 0:
-            s = await self.connect()
-            if s is None:
-                await self.nap(self.o.reconnect_s)
-                continue
+        async for s in self.sessions():
             dec = wire.Decoder(wire.REPLIES)
             rid = 0
             try:
@@ -227,30 +235,9 @@ class Attack:
                             else 0.2)
             except (OSError, wire.WireError):
                 self.count("closed_by_daemon")
-            finally:
-                s.close()
-            await self.nap(self.o.reconnect_s)
-
-    async def reply(self, s: socket.socket, dec: wire.Decoder) -> wire.Message | None:
-        while True:
-            msg = dec.next()
-            if msg is not None:
-                return msg
-            try:
-                d = await asyncio.wait_for(self.loop.sock_recv(s, 65536),
-                                           max(0.01, self.left()))
-            except asyncio.TimeoutError:
-                return None
-            if not d:
-                return None
-            dec.feed(d)
 
     async def flood_one(self, i: int) -> None:
-        while self.left() > 0:
-            s = await self.connect()
-            if s is None:
-                await self.nap(self.o.reconnect_s)
-                continue
+        async for s in self.sessions(pause=0.1):
             dec = wire.Decoder(wire.REPLIES)
             rid = 0
             try:
@@ -284,16 +271,9 @@ class Attack:
                                 raise OSError("closed")
             except (OSError, wire.WireError):
                 self.count("closed_by_daemon")
-            finally:
-                s.close()
-            await self.nap(0.1)
 
     async def deaf_one(self, i: int) -> None:
-        while self.left() > 0:
-            s = await self.connect()
-            if s is None:
-                await self.nap(self.o.reconnect_s)
-                continue
+        async for s in self.sessions():
             rid = 0
             try:
                 while self.left() > 0:
@@ -312,9 +292,6 @@ class Attack:
                         await asyncio.sleep(0)
             except OSError:
                 self.count("closed_by_daemon")
-            finally:
-                s.close()
-            await self.nap(self.o.reconnect_s)
 
     async def garbage_one(self, i: int) -> None:
         rng = random.Random(i)
@@ -327,11 +304,7 @@ class Attack:
             lambda: wire.HEADER.pack(wire.MAGIC, 1, 1, 4, 1, 0),          # flags set
             lambda: wire.HEADER.pack(wire.MAGIC, 1, 1, 0, 1, 3) + b"abc",  # short GET payload
         ]
-        while self.left() > 0:
-            s = await self.connect()
-            if s is None:
-                await self.nap(self.o.reconnect_s)
-                continue
+        async for s in self.sessions(pause=0.0):
             try:
                 for _ in range(8):  # a few frames per connection (non-fatal ones keep it)
                     await self.loop.sock_sendall(s, rng.choice(kinds)())
@@ -340,8 +313,6 @@ class Attack:
                 await self.until_closed(s)
             except OSError:
                 self.count("closed_by_daemon")
-            finally:
-                s.close()
 
 
 async def attacker_main(kind: str, path: str, seconds: float, o: argparse.Namespace) -> dict:
@@ -382,10 +353,11 @@ async def attacker_main(kind: str, path: str, seconds: float, o: argparse.Namesp
 
 @dataclass
 class Op:
-    t: float          # monotonic send time
-    dt: float         # seconds to the answer (GET+RELEASE for the good VM)
+    t: float          # monotonic send time of the GET
+    dt: float         # seconds from the GET to the last answer (RELEASE_REPLY if leased)
     ret: int | None   # None: refused / failed (see err)
     err: str = ""
+    get_s: float = 0.0  # seconds from the GET to its answer
 
 
 @dataclass
@@ -417,51 +389,52 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def good_vm(c, ph: Phase, end: float, period: float = 0.025) -> None:
-    """``c``: the good VM's certd.client.Client, connected before the attacks began (a
-    running VM); if the daemon drops it, the next op reconnects."""
+def get_release(c, vm_id: str, ph: Phase) -> Op:
+    """One GET on the certd.client.Client ``c`` and the RELEASE of its lease; EAGAIN answer
+    times go to ``ph``. A ClientError closes ``c`` (the next call reconnects)."""
     from certd import client as clientmod
-    nxt = time.monotonic()
-    while time.monotonic() < end:
-        t0 = time.monotonic()
-        try:
-            r = c.get("good-vm", NPAGES)
-            t1 = time.monotonic()
-            if r.ret == wire.EAGAIN:
-                ph.eagain_times.append(t1 - t0)
-            if r.lease_id:
-                c.release(r.lease_id)
-            ph.good.append(Op(t0, time.monotonic() - t0, r.ret))
-        except clientmod.ClientError as e:
-            ph.good.append(Op(t0, time.monotonic() - t0, None, type(e).__name__
-                              + (f":{wire.ErrorCode(e.code).name}" if e.code else "")))
-            c.close()
-        nxt += period
-        time.sleep(max(0.0, nxt - time.monotonic()))
+    t0 = time.monotonic()
+    try:
+        r = c.get(vm_id, NPAGES)
+        got = time.monotonic() - t0
+        if r.ret == wire.EAGAIN:
+            ph.eagain_times.append(got)
+        if r.lease_id:
+            c.release(r.lease_id)
+        return Op(t0, time.monotonic() - t0, r.ret, get_s=got)
+    except clientmod.ClientError as e:
+        c.close()
+        return Op(t0, time.monotonic() - t0, None, type(e).__name__
+                  + (f":{wire.ErrorCode(e.code).name}" if e.code else ""))
 
 
-def newcomers(sock: str, ph: Phase, end: float, tag: str, period: float = 2.0) -> None:
-    from certd import client as clientmod
+def ticks(first: float, period: float, end: float):
+    """Sleep to ``first`` s from now, then every ``period`` s; yields 1, 2, ... until ``end``."""
+    nxt = time.monotonic() + first
     k = 0
-    nxt = time.monotonic() + 0.5
     while True:
         time.sleep(max(0.0, nxt - time.monotonic()))
         if time.monotonic() >= end:
             return
         nxt += period
         k += 1
-        t0 = time.monotonic()
+        yield k
+
+
+def good_vm(c, ph: Phase, end: float, period: float = 0.025) -> None:
+    """``c``: the good VM's Client, connected before the attacks began (a running VM)."""
+    for _ in ticks(0.0, period, end):
+        ph.good.append(get_release(c, "good-vm", ph))
+
+
+def newcomers(sock: str, ph: Phase, end: float, tag: str, period: float = 2.0) -> None:
+    from certd import client as clientmod
+    for k in ticks(0.5, period, end):
+        c = clientmod.Client(sock, timeout=10)
         try:
-            with clientmod.Client(sock, timeout=10) as c:
-                r = c.get(f"new-{tag}-{k}", NPAGES)
-                if r.ret == wire.EAGAIN:
-                    ph.eagain_times.append(time.monotonic() - t0)
-                if r.lease_id:
-                    c.release(r.lease_id)
-            ph.newcomers.append(Op(t0, time.monotonic() - t0, r.ret))
-        except clientmod.ClientError as e:
-            ph.newcomers.append(Op(t0, time.monotonic() - t0, None, type(e).__name__
-                                   + (f":{wire.ErrorCode(e.code).name}" if e.code else "")))
+            ph.newcomers.append(get_release(c, f"new-{tag}-{k}", ph))
+        finally:
+            c.close()
 
 
 def _certctl_lock(blob: Path, *cmd: str, stdout=subprocess.PIPE) -> subprocess.Popen:
@@ -471,12 +444,7 @@ def _certctl_lock(blob: Path, *cmd: str, stdout=subprocess.PIPE) -> subprocess.P
 
 
 def updater(blob: Path, ph: Phase, end: float, period: float = 5.0) -> None:
-    nxt = time.monotonic() + 1.0
-    while True:
-        time.sleep(max(0.0, nxt - time.monotonic()))
-        if time.monotonic() >= end:
-            return
-        nxt += period
+    for _ in ticks(1.0, period, end):
         t0 = time.monotonic()
         p = _certctl_lock(blob, "true")
         try:
@@ -500,34 +468,16 @@ def updater(blob: Path, ph: Phase, end: float, period: float = 5.0) -> None:
 
 def deadline_probe(c, blob: Path, ph: Phase, end: float, period: float = 5.0) -> None:
     """``c``: the probe VM's Client, connected before the attacks (like the good VM)."""
-    from certd import client as clientmod
-    nxt = time.monotonic() + 3.5
-    k = 0
-    while True:
-        time.sleep(max(0.0, nxt - time.monotonic()))
-        if time.monotonic() >= end:
-            return
-        nxt += period
-        k += 1
+    for k in ticks(3.5, period, end):
         p = _certctl_lock(blob, "sh", "-c", "echo held; exec sleep 0.4")
+        t_held = time.monotonic()
         try:
             line = p.stdout.readline()  # "held": the exclusive lock is ours now
             t_held = time.monotonic()
             if line.strip() != "held":
                 ph.probes.append(Op(t_held, 0.0, None, "certctl did not hold the lock"))
                 continue
-            t0 = time.monotonic()
-            try:
-                r = c.get(f"probe-{k}", NPAGES)
-                dt = time.monotonic() - t0
-                if r.lease_id:
-                    c.release(r.lease_id)
-                ph.probes.append(Op(t0, dt, r.ret))
-                if r.ret == wire.EAGAIN:
-                    ph.eagain_times.append(dt)
-            except clientmod.ClientError as e:
-                ph.probes.append(Op(t0, time.monotonic() - t0, None, type(e).__name__))
-                c.close()  # reconnect on the next probe
+            ph.probes.append(get_release(c, f"probe-{k}", ph))
         finally:
             try:
                 p.communicate(timeout=30)
@@ -585,7 +535,7 @@ def summarize(ph: Phase) -> dict:
     fail = [o for o in ph.good if o.ret not in (wire.RET_OK, wire.EAGAIN)]
     new_ok = [o for o in ph.newcomers if o.ret == wire.RET_OK]
     waits = [u["waited_s"] for u in ph.updater if u.get("waited_s") is not None]
-    probe = [o.dt for o in ph.probes if o.ret == wire.EAGAIN]
+    probe = [o.get_s for o in ph.probes if o.ret == wire.EAGAIN]
     return {
         "phase": ph.name, "seconds": round(ph.seconds, 2),
         "good_ops": len(ph.good), "good_ok": len(ok),
