@@ -51,7 +51,15 @@ def proc_status(pid: int) -> dict[str, int]:
 def open_vm(path: str, i: int, silent: bool) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(20)
-    s.connect(path)
+    end = time.monotonic() + 20
+    while True:
+        try:
+            s.connect(path)
+            break
+        except BlockingIOError:  # the listen backlog is full: certd has not accepted yet
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.001)
     if not silent:
         dec = wire.Decoder(wire.REPLIES)
         s.sendall(wire.encode_get(1, f"mem-{i}", 4))

@@ -79,7 +79,10 @@ DEADLINE_MS = 100
 #: lower (a container without CAP_SYS_RESOURCE cannot raise its hard limit).
 _HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 NOFILE = 65536 if _HARD == resource.RLIM_INFINITY else min(65536, _HARD)
-ATTACKS = ("slowloris", "idle", "hoard", "flood", "deaf", "garbage")
+#: Also the order the attackers start in, each once it has its connections: the ones that
+#: use their connections before the idle ones fill the table (otherwise which attacks run
+#: at all is a race between the processes).
+ATTACKS = ("hoard", "flood", "deaf", "slowloris", "idle", "garbage")
 
 
 def raise_nofile(n: int = NOFILE) -> int:
@@ -334,6 +337,12 @@ async def attacker_main(kind: str, path: str, seconds: float, o: argparse.Namesp
         tasks = [asyncio.ensure_future(a.garbage_one(i)) for i in range(4)]
     else:
         raise SystemExit(f"unknown attack {kind!r}; one of {', '.join(ATTACKS)}")
+    want = {"idle": o.idle, "slowloris": o.slowloris, "hoard": o.hoarders, "flood": 4,
+            "deaf": o.deaf, "garbage": 1}[kind]
+    ready_by = time.monotonic() + 15
+    while a.stats.get("connected", 0) < want and time.monotonic() < ready_by:
+        await asyncio.sleep(0.05)  # connect progress: nothing signals it
+    print("ready", flush=True)
     waiter = asyncio.ensure_future(stop.wait())
     everything = asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.wait([waiter, everything], timeout=seconds + 5,
@@ -620,30 +629,33 @@ def table(base: dict, att: dict, attackers: dict) -> str:
 
 def run_attackers(a: argparse.Namespace, sock: str, seconds: float) -> dict[str, subprocess.Popen]:
     procs = {}
-    for kind in a.attacks:
+    for kind in sorted(a.attacks, key=ATTACKS.index):
         argv = [sys.executable, str(Path(__file__).resolve()), "--attack", kind,
                 "--socket", sock, "--seconds", str(seconds), "--idle", str(a.idle),
                 "--slowloris", str(a.slowloris), "--hoarders", str(a.hoarders),
                 "--deaf", str(a.deaf), "--slow-interval", str(a.slow_interval),
                 "--reconnect-s", str(a.reconnect_s)]
-        procs[kind] = subprocess.Popen(["prlimit", f"--nofile={NOFILE}:{NOFILE}", "--", *argv],
-                                       stdout=subprocess.PIPE, text=True)
+        procs[kind] = p = subprocess.Popen(["prlimit", f"--nofile={NOFILE}:{NOFILE}", "--",
+                                            *argv], stdout=subprocess.PIPE, text=True)
+        # "ready" once it has its connections (at most 15 s); EOF if it died
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the {kind} attacker did not start (exit {p.poll()})")
     return procs
 
 
 def stop_procs(procs: dict[str, subprocess.Popen], timeout: float) -> dict:
+    """SIGTERM each attacker (it stops and prints its counters), then collect them; kill
+    what does not exit within ``timeout`` s."""
     out = {}
-    end = time.monotonic() + timeout
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
     for kind, p in procs.items():
         try:
-            o, _ = p.communicate(timeout=max(0.1, end - time.monotonic()))
+            o, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGTERM)
-            try:
-                o, _ = p.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                o, _ = p.communicate(timeout=10)
+            p.kill()
+            o, _ = p.communicate(timeout=10)
         try:
             out[kind] = json.loads(o.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -698,7 +710,10 @@ def main(argv: list[str] | None = None) -> int:
         measure(d, base, a.baseline_seconds, "base", good, probe)
         print(f"attacks {','.join(a.attacks)}: ramp {a.ramp_seconds:g} s, "
               f"measure {a.seconds:g} s", flush=True)
-        procs = run_attackers(a, d.socket, a.ramp_seconds + a.seconds)
+        # they run until stopped after the measurement (the bound: 15 s per start, the ramp,
+        # the window and a margin)
+        procs = run_attackers(a, d.socket, 15 * len(a.attacks) + a.ramp_seconds + a.seconds
+                              + 30)
         time.sleep(a.ramp_seconds)  # the attackers' own ramp (no event marks "all connected")
         from tests.daemon_support import fd_count, status_of
         try:
