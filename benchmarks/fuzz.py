@@ -259,7 +259,16 @@ def run(target: Target, *, inputs: int, seed: int = 0, seconds: float | None = N
                 if len(res.findings) < keep:
                     res.findings.append(Finding("crash", i, data, problem))
             elif wall > hang_s and wall < budget_s:
-                cpu = _cpu_of(target, data)
+                try:
+                    if alarm:
+                        signal.setitimer(signal.ITIMER_REAL, budget_s)
+                    try:
+                        cpu = _cpu_of(target, data)
+                    finally:
+                        if alarm:
+                            signal.setitimer(signal.ITIMER_REAL, 0)
+                except _Watchdog:
+                    cpu = budget_s
                 if cpu > hang_s:
                     res.hangs += 1
                     if len(res.findings) < keep:
