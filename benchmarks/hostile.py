@@ -125,12 +125,18 @@ class Attack:
         self.path, self.end, self.o = path, end, opts
         self.loop = asyncio.get_running_loop()
         self.stats: dict[str, int] = {}
+        self.stopped = False
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
     def left(self) -> float:
-        return self.end - time.monotonic()
+        """Seconds until the attack ends (0 once stopped: every loop checks this, since on
+        Python 3.11 asyncio.wait_for can swallow a task's cancellation)."""
+        return 0.0 if self.stopped else self.end - time.monotonic()
+
+    def stop(self) -> None:
+        self.stopped = True
 
     async def connect(self) -> socket.socket | None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -321,7 +327,7 @@ class Attack:
 async def attacker_main(kind: str, path: str, seconds: float, o: argparse.Namespace) -> dict:
     a = Attack(path, time.monotonic() + seconds, o)
     stop = asyncio.Event()
-    a.loop.add_signal_handler(signal.SIGTERM, stop.set)
+    a.loop.add_signal_handler(signal.SIGTERM, lambda: (a.stop(), stop.set()))
     if kind == "idle":
         sem = asyncio.Semaphore(128)
         tasks = [asyncio.ensure_future(a.idle_one(sem)) for _ in range(o.idle)]
