@@ -228,6 +228,17 @@ def run(target: Target, *, inputs: int, seed: int = 0, seconds: float | None = N
     # Warnings are not failures: the parser runs as in the daemon, where a warning (e.g.
     # cryptography's about an odd name attribute) is printed, not raised. Under pytest's
     # filterwarnings=error it would otherwise become an exception inside the parser.
+    def watched(fn, *args):
+        """``fn(*args)`` under the SIGALRM watchdog (main thread only): _Watchdog after
+        ``budget_s`` s of wall time."""
+        if not alarm:
+            return fn(*args)
+        signal.setitimer(signal.ITIMER_REAL, budget_s)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
     quiet = warnings.catch_warnings()
     quiet.__enter__()
     warnings.simplefilter("ignore")
@@ -238,13 +249,7 @@ def run(target: Target, *, inputs: int, seed: int = 0, seconds: float | None = N
             data = make(i)
             t0 = perf()
             try:
-                if alarm:
-                    signal.setitimer(signal.ITIMER_REAL, budget_s)
-                try:
-                    problem = _classify(target, data)
-                finally:
-                    if alarm:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
+                problem = watched(_classify, target, data)
             except _Watchdog:
                 problem = None
                 res.hangs += 1
@@ -260,13 +265,7 @@ def run(target: Target, *, inputs: int, seed: int = 0, seconds: float | None = N
                     res.findings.append(Finding("crash", i, data, problem))
             elif wall > hang_s and wall < budget_s:
                 try:
-                    if alarm:
-                        signal.setitimer(signal.ITIMER_REAL, budget_s)
-                    try:
-                        cpu = _cpu_of(target, data)
-                    finally:
-                        if alarm:
-                            signal.setitimer(signal.ITIMER_REAL, 0)
+                    cpu = watched(_cpu_of, target, data)
                 except _Watchdog:
                     cpu = budget_s
                 if cpu > hang_s:
