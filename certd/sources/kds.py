@@ -164,7 +164,7 @@ class KdsUnavailable(Exception):
             {"url": f.url, "kind": f.kind, "reason": f.reason} for f in self.failures]}
 
 
-class _Invalid(ValueError):
+class InvalidAnswer(ValueError):
     """A 200 body that must not be used; the message says why."""
 
 
@@ -378,7 +378,7 @@ class _Item:
     what: str                         #: for messages: "VCEK for Milan 3ac3…/bl=2 …"
     path: Path
     url: Callable[[str], str]         #: base URL -> request URL
-    validate: Callable[[bytes], bytes]  #: body -> bytes to cache; raises _Invalid
+    validate: Callable[[bytes], bytes]  #: body -> bytes to cache; raises InvalidAnswer
     #: A valid cache entry that is not ``current`` is refetched but not deleted (a CRL past
     #: its refresh time is still better than none until it goes stale).
     current: Callable[[bytes], bool] = lambda data: True
@@ -481,7 +481,7 @@ class KdsClient:
                 leaf = pki.load_certificate(body, "KDS answer")
                 policy.build_blob(roots.ark, roots.ask, leaf, trust=self.trust, platform=asked)
             except (pki.PkiError, policy.PolicyError) as e:
-                raise _Invalid(str(e)) from None
+                raise InvalidAnswer(str(e)) from None
             return leaf.der
 
         return _Item(("vcek", product, hwid, tcb),
@@ -494,12 +494,12 @@ class KdsClient:
             try:
                 crl = pki.load_crl(body, "KDS CRL")
             except pki.PkiError as e:
-                raise _Invalid(str(e)) from None
+                raise InvalidAnswer(str(e)) from None
             problems = chainmod.crl_problems(crl, trust=self.trust, at=_now())
             if crl.product is not product:
                 problems = [f"the CRL is from {crl.issuer_cn!r}, not ARK-{product.value}"] + problems
             if problems:
-                raise _Invalid("; ".join(str(p) for p in problems))
+                raise InvalidAnswer("; ".join(str(p) for p in problems))
             return crl.der
 
         def current(der: bytes) -> bool:  # der passed validate()
@@ -514,19 +514,36 @@ class KdsClient:
             try:
                 items = pki.load_bytes(body, "KDS cert_chain")
             except pki.PkiError as e:
-                raise _Invalid(str(e)) from None
+                raise InvalidAnswer(str(e)) from None
             kinds = [getattr(i, "kind", None) for i in items]
             if kinds != [pki.Kind.ASK, pki.Kind.ARK]:
-                raise _Invalid(f"expected ASK then ARK, got {[getattr(k, 'value', 'CRL') for k in kinds]}")
+                raise InvalidAnswer(f"expected ASK then ARK, got {[getattr(k, 'value', 'CRL') for k in kinds]}")
             ask, ark = items
             if not (self.trust.is_pinned(product, "ASK", ask.cert)
                     and self.trust.is_pinned(product, "ARK", ark.cert)):
-                raise _Invalid(f"the chain is not the {self.trust.name} {product.value} ASK/ARK")
+                raise InvalidAnswer(f"the chain is not the {self.trust.name} {product.value} ASK/ARK")
             return b"".join(c.cert.public_bytes(serialization.Encoding.PEM) for c in items)
 
         return _Item(("cert_chain", product), f"{product.value} cert_chain",
                      self.cache_dir / "cert_chain" / f"{product.value}.pem",
                      lambda base: kdsurl.cert_chain_url(product, base=base), validate)
+
+    # -- validation of a fetched body (public: the fuzzers call exactly what a fetch runs)
+
+    def validate_vcek(self, body: bytes, product: Product, hwid: bytes, tcb: Tcb) -> bytes:
+        """The DER to cache if ``body`` is the VCEK asked for; raises :class:`InvalidAnswer`
+        (a bad body) or ValueError (a question of the wrong shape, as a fetch would)."""
+        return self._vcek_item(product, hwid, tcb).validate(body)
+
+    def validate_crl(self, body: bytes, product: Product) -> bytes:
+        """The DER to cache if ``body`` is a valid CRL of ``product``'s ARK; raises
+        :class:`InvalidAnswer`."""
+        return self._crl_item(product).validate(body)
+
+    def validate_chain(self, body: bytes, product: Product) -> bytes:
+        """The PEM to cache if ``body`` is the pinned ASK then ARK of ``product``; raises
+        :class:`InvalidAnswer`."""
+        return self._chain_item(product).validate(body)
 
     # -- one round of sources, retries, the cross-process lock
 
@@ -545,7 +562,7 @@ class KdsClient:
         if r.status == 200:
             try:
                 return item.validate(r.body), None, None
-            except _Invalid as e:
+            except InvalidAnswer as e:
                 return None, SourceFailure(url, "invalid", f"invalid answer ({len(r.body)} "
                                                           f"bytes): {e}"), None
         retry_after = None
@@ -608,7 +625,7 @@ class KdsClient:
             return None
         try:
             valid = item.validate(data)
-        except _Invalid as e:
+        except InvalidAnswer as e:
             self.log.warning("kds cache entry dropped", what=item.what, path=str(item.path),
                              reason=str(e))
             _remove(item.path)
