@@ -229,7 +229,8 @@ class DaemonRunner:
         self.proc = subprocess.Popen(
             ["/bin/bash", "-c", script, CERTD, "--config", str(self.paths.config)],
             pass_fds=(self.fd,), stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT, env={**os.environ, **self.env, "NOTIFY_SOCKET": self.notify.address})
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env, "NOTIFY_SOCKET": self.notify.address})
         self.starts += 1
         return self.notify.wait_ready(self.proc, timeout)
 
