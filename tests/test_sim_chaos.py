@@ -24,7 +24,8 @@ from certd.client import AsyncClient
 from certd.sim import chaos, psp as pspmod, report
 from certd.store import locks
 
-SHORT = dict(vms=40, updates=5, daemon_kills=1, updater_kills=1, update_gap=1.0, max_run=90)
+SHORT = dict(vms=40, updates=5, daemon_kills=1, updater_kills=1, vlek_drops=2, update_gap=1.0,
+             max_run=90)
 
 
 def run(**kw) -> chaos.RunResult:
@@ -59,6 +60,7 @@ def test_short_chaos_run_is_never_wrong():
     assert_ran(r, SHORT["updates"] - SHORT["updater_kills"])
     assert r.daemon_kills == 1
     assert sum(u.killed_after_ms is not None for u in r.updates) == 1
+    assert any(u.dropped for u in r.updates), r.updates  # a VLEK was dropped and served
     c = r.counters
     assert (c.mismatches, c.torn, c.eio, c.vmpck_lost) == (0, 0, 0, 0), c.details
     assert report.exit_code(r) == exitcodes.OK

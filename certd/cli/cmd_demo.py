@@ -20,7 +20,8 @@ certificates it received (signature, TCB, chip id, chain), as a relying party wo
 Updates run 'certctl fw-update -- python -m certd.devfw PLATFORM --snp N'.
 
   certctl demo                 4 VMs, one firmware update (about 10 s)
-  certctl demo --chaos         200 VMs, 50 updates, 10 SIGKILLs of certd, 10 of updaters
+  certctl demo --chaos         200 VMs, 50 updates (4 switching to a dropped VLEK or
+                               back), 10 SIGKILLs of certd, 10 of updaters
 
 The run passes when no guest got certificates that do not match the key that signed its
 report (mismatches), no file reader read a table that does not decode (torn), no guest was
@@ -40,7 +41,7 @@ exit codes:
 
 DEMO = {"vms": 4, "updates": 1, "daemon_kills": 0, "updater_kills": 0, "socket_share": 0.5,
         "vmm_processes": 2, "update_gap": 2.0, "settle": 2.0}
-CHAOS = {"vms": 200, "updates": 50, "daemon_kills": 10, "updater_kills": 10}
+CHAOS = {"vms": 200, "updates": 50, "daemon_kills": 10, "updater_kills": 10, "vlek_drops": 4}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SIGKILLs of certd at random moments (demo 0, chaos 10)")
     p.add_argument("--updater-kills", type=int, metavar="N",
                    help="SIGKILLs of an updater at a random moment of its run (demo 0, chaos 10)")
+    p.add_argument("--vlek-drops", type=int, metavar="N",
+                   help="updates that also switch the signing key, VCEK to VLEK and back; "
+                        "on the VLEK the CSP drops the VLEK for each new TCB into the drop "
+                        "directory (demo 0, chaos 4)")
     p.add_argument("--updater", metavar="STRATEGY", default=None,
                    help="how updates are made (certd.sim.chaos.UPDATERS): fw-update "
                         "(certctl fw-update around the development firmware command; the "
@@ -76,16 +81,16 @@ def params(args: argparse.Namespace):
     from certd.sim import chaos
 
     values = dict(CHAOS if args.chaos else DEMO)
-    for name in ("vms", "updates", "daemon_kills", "updater_kills", "updater", "hold_ms",
-                 "seed"):
+    for name in ("vms", "updates", "daemon_kills", "updater_kills", "vlek_drops", "updater",
+                 "hold_ms", "seed"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.deadline_ms is not None:
         values["request_deadline_ms"] = args.deadline_ms
     if args.keep:
         values["directory"], values["keep"] = args.keep, True
-    for name in ("vms", "updates", "daemon_kills", "updater_kills"):
-        if values[name] < 0:
+    for name in ("vms", "updates", "daemon_kills", "updater_kills", "vlek_drops"):
+        if values.get(name, 0) < 0:
             raise CliError(f"--{name.replace('_', '-')} must be >= 0", exitcodes.USAGE)
     if values["vms"] < 1:
         raise CliError("--vms must be at least 1", exitcodes.USAGE)

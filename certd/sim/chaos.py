@@ -59,6 +59,10 @@ class Params:
     updates: int = 5
     daemon_kills: int = 0
     updater_kills: int = 0
+    #: Updates that also switch the signing key (VCEK -> VLEK, then back, ...). On the
+    #: VLEK, after every update the CSP drops the VLEK for the new TCB into the drop
+    #: directory (until then certd serves the empty table).
+    vlek_drops: int = 0
     #: Share of VMs behind certd's socket (the rest read the blob like a stock QEMU).
     socket_share: float = 0.75
     #: Share of COCONUT SVSM guests (the rest are Linux guests), on both faces.
@@ -103,22 +107,27 @@ class Paths:
     config: Path
 
 
-def firmware_command(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
-    """The firmware step (``python -m certd.devfw``), then ``hold_ms`` more under the lock."""
-    fw = [PY, "-m", "certd.devfw", str(paths.platform), "--snp", str(tcb.snp)]
+def firmware_command(paths: Paths, tcb: Tcb, p: Params, signing_key: str) -> list[str]:
+    """The firmware step (``python -m certd.devfw``: the new TCB, and SNP_VLEK_LOAD or back
+    when ``signing_key`` changes), then ``hold_ms`` more under the lock."""
+    fw = [PY, "-m", "certd.devfw", str(paths.platform), "--snp", str(tcb.snp),
+          "--signing-key", signing_key]
     if not p.hold_ms:
         return fw
     return ["sh", "-c", f'{shlex.join(fw)} && exec sleep {p.hold_ms / 1000:.3f}']
 
 
-def fw_update(paths: Paths, tcb: Tcb, p: Params) -> list[str]:
-    """``certctl fw-update``: prefetch the VCEK, lock, firmware step, install, release."""
-    return [CERTCTL, "fw-update", "--config", str(paths.config), "--expect-tcb",
-            str(tcb).replace(" ", ","), "--lock-timeout",
-            str(p.updater_timeout), "--json", "--", *firmware_command(paths, tcb, p)]
+def fw_update(paths: Paths, tcb: Tcb, p: Params, signing_key: str) -> list[str]:
+    """``certctl fw-update``: prefetch the VCEK (not for a VLEK: that one comes from the
+    drop directory), lock, firmware step, install, release."""
+    prefetch = ["--expect-tcb", str(tcb).replace(" ", ",")] if signing_key == "vcek" else []
+    return [CERTCTL, "fw-update", "--config", str(paths.config), *prefetch, "--lock-timeout",
+            str(p.updater_timeout), "--json", "--",
+            *firmware_command(paths, tcb, p, signing_key)]
 
 
-UPDATERS: dict[str, Callable[[Paths, Tcb, Params], list[str]]] = {
+#: argv of one update to (new TCB, signing key "vcek" or "vlek").
+UPDATERS: dict[str, Callable[[Paths, Tcb, Params, str], list[str]]] = {
     "fw-update": fw_update,
 }
 
@@ -180,6 +189,9 @@ file = "{paths.platform}"
 [trust]
 roots = ["{psp_roots(paths)}"]
 
+[watch]
+drop_dir = "{paths.dir / 'drop'}"
+
 [kds]
 base_url = "{kds_url}"
 cache_dir = "{paths.dir / 'kds-cache'}"
@@ -217,7 +229,8 @@ class DaemonRunner:
         self.proc = subprocess.Popen(
             ["/bin/bash", "-c", script, CERTD, "--config", str(self.paths.config)],
             pass_fds=(self.fd,), stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT, env={**os.environ, **self.env, "NOTIFY_SOCKET": self.notify.address})
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env, "NOTIFY_SOCKET": self.notify.address})
         self.starts += 1
         return self.notify.wait_ready(self.proc, timeout)
 
@@ -282,6 +295,9 @@ class UpdateRecord:
     source: str | None = None
     #: The firmware command's own time within the exclusive section.
     cmd_ms: float | None = None
+    #: The signing key after the update, and whether the CSP dropped a VLEK after it.
+    signing_key: str = "vcek"
+    dropped: bool = False
 
 
 @dataclass
@@ -322,6 +338,7 @@ def setup(directory: Path, product: Product, p: Params, kds_url: str) -> Paths:
     platformmod.save(devpki.make_platform(product), paths.platform)
     psp = pspmod.SharedPsp.open(paths.pki, paths.platform)
     blobstore.BlobStore(paths.blob, psp.validator()).install(psp.valid_blob())
+    (directory / "drop").mkdir(exist_ok=True)
     paths.config.write_text(config_text(paths, p, kds_url))
     return paths
 
@@ -329,6 +346,18 @@ def setup(directory: Path, product: Product, p: Params, kds_url: str) -> Paths:
 def paths_in(directory: Path) -> Paths:
     return Paths(directory, directory / "pki", directory / "platform.toml",
                  directory / "certs.blob", directory / "certd.sock", directory / "certd.toml")
+
+
+def drop_vlek(paths: Paths, n: int) -> bool:
+    """The CSP's part of a VLEK platform: the VLEK for the reported TCB as it is now,
+    written to a temp name and renamed into the drop directory. False on a VCEK platform."""
+    psp = pspmod.SharedPsp.open(paths.pki, paths.platform)
+    if not psp.platform.vlek:
+        return False
+    tmp = paths.dir / "drop" / f".vlek-{n}.tmp"
+    tmp.write_bytes(psp.leaf.public_bytes(devpki.PEM))
+    os.rename(tmp, paths.dir / "drop" / f"vlek-{n}.pem")
+    return True
 
 
 def _last_json(out: str) -> dict:
@@ -432,16 +461,21 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
         span = p.updates * (p.update_gap + 0.5)  # about how long the updates take
         kill_times = sorted(rng.uniform(0, max(span, 1.0)) for _ in range(p.daemon_kills))
         typical_ms = [1000.0]
+        switches = {round((j + 1) * p.updates / (p.vlek_drops + 1)) for j in range(p.vlek_drops)}
 
         def updates() -> None:
             for n in range(p.updates):
                 if stop_chaos.is_set() or time.monotonic() > hard_end:
                     return
-                current = platformmod.load(paths.platform).reported_tcb
+                before = platformmod.load(paths.platform)
+                current = before.reported_tcb
                 new = pspmod.next_tcb(current)
-                rec = UpdateRecord(n, str(new))
+                key = before.signing_key
+                if n in switches:
+                    key = "vcek" if key == "vlek" else "vlek"
+                rec = UpdateRecord(n, str(new), signing_key=key)
                 t0 = time.monotonic()
-                proc = subprocess.Popen(make_argv(paths, new, p), stdout=subprocess.PIPE,
+                proc = subprocess.Popen(make_argv(paths, new, p, key), stdout=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, text=True,
                                         start_new_session=True)
                 updaters.append(proc)
@@ -486,6 +520,7 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
                     rec.cmd_ms = 1000 * info.get("cmd_s", 0.0)
                     if rec.exit_code == 0:  # the shortest life seen: kills land within it
                         typical_ms[0] = min(typical_ms[0], rec.total_ms)
+                rec.dropped = drop_vlek(paths, n)
                 result.updates.append(rec)
                 stop_chaos.wait(p.update_gap * rng.uniform(0.5, 1.5))
 

@@ -47,6 +47,7 @@ def as_json(r: RunResult) -> dict:
             "completed": sum(u.exit_code == 0 for u in ups),
             "killed": sum(u.killed_after_ms is not None for u in ups),
             "killed_after_firmware": sum(bool(u.after_firmware) for u in ups),
+            "vlek_drops": sum(u.dropped for u in ups),
             "stale_after_kill": sum(bool(u.stale) for u in ups),
             "lock_wait_ms": _stats([u.lock_wait_ms for u in ups]),
             "exclusive_ms": _stats([u.held_ms for u in ups]),
