@@ -45,16 +45,6 @@ def assert_ran(r: chaos.RunResult, completed: int) -> None:
         assert part["attestations"] > 0 and part["verified"] > 0, part
 
 
-FILE_FACE_WINDOW = (
-    "an updater SIGKILLed between the firmware step and the install leaves the old blob at "
-    "the path with the PSP already signing with the new key; the store's journal is settled "
-    "only by the next updater or when certd makes its next hold, and until then a stock "
-    "QEMU reads the stale blob unchecked (fix: under the lock, replace the blob by the empty "
-    "table, kept locked, before the change runs)")
-
-
-@pytest.mark.xfail(strict=False, reason="a random updater kill can land in the window where "
-                   + FILE_FACE_WINDOW)
 def test_short_chaos_run_is_never_wrong():
     r = run(seed=None)
     assert_ran(r, SHORT["updates"] - SHORT["updater_kills"])
@@ -122,8 +112,11 @@ def test_updater_killed_after_the_firmware_step_socket_face_without_observing():
     assert r.counters.mismatches > 0
 
 
-@pytest.mark.xfail(strict=False, reason=FILE_FACE_WINDOW)
 def test_updater_killed_after_the_firmware_step_file_face():
+    """The store empties the blob before the firmware step (certd/store/blobstore.py):
+    killed after it, the updater leaves the empty table, never the old VCEK, even for a
+    stock QEMU that never looks at the journal. The control (CERTD_UNSAFE=empty-first)
+    is tests/test_rotation.py::test_an_updater_killed_after_the_firmware_step_leaves_..."""
     r = run(socket_share=0.0, **KILLED_AFTER_FIRMWARE)
     assert_killed_after_firmware(r)
     assert r.counters.mismatches == 0, r.counters.details
