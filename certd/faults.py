@@ -31,6 +31,7 @@ when any is set (see :func:`active`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 FAULT_ENV = "CERTD_FAULT"
@@ -39,7 +40,14 @@ FAULT_AT_ENV = "CERTD_FAULT_AT"
 
 
 def _names(var: str) -> frozenset[str]:
-    return frozenset(x.strip() for x in os.environ.get(var, "").split(",") if x.strip())
+    # Checked on the request path: parse each value once (tests monkeypatch the
+    # environment, so the value, not the process, is the cache key).
+    return _parse(os.environ.get(var, ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(value: str) -> frozenset[str]:
+    return frozenset(x.strip() for x in value.split(",") if x.strip())
 
 
 def fault(name: str) -> bool:
@@ -50,6 +58,12 @@ def fault(name: str) -> bool:
 def unsafe(protection: str) -> bool:
     """True if the protection ``protection`` is switched off (``CERTD_UNSAFE``)."""
     return protection in _names(UNSAFE_ENV)
+
+
+def unsafe_now() -> frozenset[str]:
+    """Every protection switched off now: for an object that reads them on a hot path and
+    may take them once, when it is made."""
+    return _names(UNSAFE_ENV)
 
 
 def active() -> dict[str, str]:

@@ -30,6 +30,7 @@ class SharedHold:
     epoch: int = 0  # the platform epoch of that verdict
     opened: float = 0.0  # time.monotonic() when made
     checked: float = 0.0  # when its age was last weighed against a waiting updater
+    fresh_until: float = 0.0  # monotonic: the last full check holds until then
     valid_until: float = float("inf")  # wall clock: a date in the blob passes then
     #: Called when the last lease ends (the profile keeps it a moment, or closes it).
     on_idle: Callable[["SharedHold"], None] = lambda hold: hold.close()
