@@ -537,6 +537,8 @@ def run(p: Params, log: Callable[[str], None] = lambda s: None) -> RunResult:
         for t in threads:
             t.start()
         threads[0].join(max(hard_end - time.monotonic(), 0))
+        # Every daemon kill asked for happens, even when the updates finish early.
+        threads[1].join(max(hard_end - time.monotonic(), 0))
         stop_chaos.set()
         threads[1].join(max(hard_end - time.monotonic(), 0))
         if any(t.is_alive() for t in threads):
