@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from certd import devkds, devpki, platform as platformmod, policy  # noqa: E402
-from certd.abi import table, wire  # noqa: E402
+from certd.abi import wire  # noqa: E402
 from certd.client import AsyncClient  # noqa: E402
 from certd.store import locks  # noqa: E402
 from tests.daemon_support import BIN, DaemonProc, config_text  # noqa: E402

@@ -9,7 +9,6 @@ from typing import Any
 
 from certd import config as configmod, exitcodes
 from certd.abi import table
-from certd.abi.tcb import Tcb
 from certd.cli import certinfo
 from certd.cli.common import (CliError, add_json_flag, emit, load_config, nonnegative,
                                run_locked, shell_code)
@@ -60,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", default=str(configmod.DEFAULT_PATH),
                    help="certd configuration: blob path, platform source, [kds], [trust] "
                         "(default %(default)s)")
-    p.add_argument("--expect-tcb", metavar="TCB", type=parse_tcb,
+    p.add_argument("--expect-tcb", metavar="TCB", type=certinfo.tcb_arg,
                    help="the reported TCB CMD will install, bl=N,tee=N,snp=N,ucode=N[,fmc=N]: "
                         "its VCEK is fetched before locking")
     p.add_argument("--timeout", type=nonnegative, default=0.05, metavar="S",
@@ -72,27 +71,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_flag(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(func=run)
-
-
-def parse_tcb(text: str) -> Tcb:
-    """``bl=N,tee=N,snp=N,ucode=N[,fmc=N]`` as a Tcb."""
-    fields: dict[str, int] = {}
-    for part in text.split(","):
-        key, eq, value = part.strip().partition("=")
-        if not eq or key not in ("bl", "tee", "snp", "ucode", "fmc") or key in fields:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected bl=N,tee=N,snp=N,ucode=N[,fmc=N] (bad part {part!r})")
-        try:
-            fields[key] = int(value, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: {key}={value!r} is not a number") from None
-    missing = {"bl", "tee", "snp", "ucode"} - set(fields)
-    if missing:
-        raise argparse.ArgumentTypeError(f"{text!r}: missing {', '.join(sorted(missing))}")
-    try:
-        return Tcb(**fields)
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,13 +13,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import structlog
 
 from certd import __version__, config as configmod, exitcodes, faults, platform as platformmod
 from certd.abi import table
-from certd.amd import roots
 from certd.amd.roots import TrustStore
 from certd.platform import Platform, PlatformSource
 from certd.service import access, httpd, metrics, rotation, sdnotify, unixsock

@@ -26,11 +26,10 @@ from typing import Any, Callable
 import structlog
 
 from certd import config as configmod, exitcodes
-from certd.abi import table
 from certd.abi.tcb import Tcb
 from certd.amd import roots
 from certd.amd.roots import TrustStore
-from certd.platform import Platform, PlatformError, PlatformSource
+from certd.platform import Platform, PlatformSource
 from certd.service.profiles import Judge, Profile
 from certd.store import blobstore, locks
 from certd.verify import trustfile
