@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from certd import faults
+from certd.fileio import write_atomic
 from certd.abi import tcb as tcbmod
 from certd.abi.product import Product
 from certd.abi.tcb import Tcb
@@ -180,13 +181,7 @@ def dumps(p: Platform) -> str:
 
 def save(p: Platform, path: str | Path) -> None:
     """Write atomically (temp file + rename) so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(dumps(p), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, dumps(p).encode("utf-8"))
 
 
 # --- /dev/sev (best effort; cannot run without SNP hardware) ----------------------------

@@ -63,15 +63,20 @@ class Rig:
         return platformmod.load(self.platform_file)
 
     def fw_update(self, *fw_args: str, extra: tuple[str, ...] = (),
-                  stamp: Path | None = None, env: dict | None = None) -> dict:
+                  stamp: Path | None = None, env: dict | None = None,
+                  must_succeed: bool = True) -> dict:
         """certctl fw-update around a devfw TCB change; ``stamp`` gets the monotonic time
-        (ns) at which the firmware moved."""
+        (ns) at which the firmware moved. ``must_succeed`` False (a fault switched on): its
+        exit code is not asserted, only that the firmware moved."""
         cmd = [PY, "-m", "certd.devfw", str(self.platform_file), *fw_args]
         if stamp is not None:
             cmd += ["--stamp", str(stamp)]
         r = subprocess.run([str(BIN / "certctl"), "fw-update", "--config", str(self.config),
                             "--json", *extra, "--", *cmd], capture_output=True, text=True,
                            timeout=60, env={**os.environ, **(env or {})})
+        if not must_succeed:
+            assert stamp is None or stamp.exists(), r.stdout + r.stderr
+            return {"exit": r.returncode}
         assert r.returncode == 0, r.stdout + r.stderr
         return json.loads(r.stdout[r.stdout.index("\n{") + 1:] if not r.stdout.startswith("{")
                           else r.stdout)  # CMD's own output comes first
@@ -146,7 +151,8 @@ async def _fw_update_under_load(rig: Rig, stamp: Path, env: dict | None = None,
     stop, seen = asyncio.Event(), []
     load = asyncio.create_task(clients(rig.daemon.socket, 8, stop, seen, hold_s))
     await until(lambda: _async(len(seen) > 50), what="clients running")
-    result = await asyncio.to_thread(rig.fw_update, "--snp", "+1", stamp=stamp, env=env)
+    result = await asyncio.to_thread(rig.fw_update, "--snp", "+1", stamp=stamp, env=env,
+                                     must_succeed=not env)
     after_return = await served_tcb(rig.daemon.socket)
     n = len(seen)
     await until(lambda: _async(len(seen) > n + 50), what="more requests")

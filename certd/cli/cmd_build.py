@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from certd import policy
 from certd.abi import table
 from certd.cli import certinfo
-from certd import exitcodes
+from certd import exitcodes, fileio
 from certd.cli.common import CliError, add_json_flag, emit
 from certd.verify.pki import Cert, Kind
 
@@ -76,24 +75,11 @@ def _chain(args: argparse.Namespace) -> tuple[Cert, Cert]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory + rename: readers see the old or the new blob."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Readers see the old or the new file, whole (:func:`certd.fileio.write_atomic`)."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fileio.write_atomic(path, data)
     except OSError as e:
         raise CliError(f"cannot write {path}: {e.strerror or e}", exitcodes.IOERR) from None
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError:
-            pass
-
 
 def run(args: argparse.Namespace) -> int:
     ark, ask = _chain(args)

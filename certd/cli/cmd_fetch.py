@@ -9,14 +9,13 @@ sends RELEASE, as a VMM does when KVM_RUN returns -EINTR after immediate_exit.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from certd.abi import wire
 from certd.abi.table import GUEST_MAX_SIZE, PAGE_SIZE
 from certd.abi.wire import ErrorCode
-from certd import exitcodes
+from certd import exitcodes, fileio
 from certd.cli.common import CliError, add_json_flag, emit, positive
 from certd.client import (DEFAULT_SOCKET, DEFAULT_TIMEOUT, Client, ClientError,
                           InvalidRequest, ProtocolError, Refused, Unavailable)
@@ -79,19 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _write_output(path: str, table: bytes) -> None:
-    # Write then rename: a reader of FILE never sees half a table.
-    tmp = f"{path}.tmp{os.getpid()}"
+    # A reader of FILE never sees half a table.
     try:
-        with open(tmp, "wb") as f:
-            f.write(table)
-        os.replace(tmp, path)
+        fileio.write_atomic(path, table)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise CliError(f"cannot write table to {path!r}: {e.strerror}", exitcodes.IOERR) from None
-
 
 def run(args: argparse.Namespace) -> int:
     if args.npages < 0:

@@ -58,6 +58,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from certd import faults, logs, policy
+from certd.fileio import write_atomic
 from certd.abi.product import Product
 from certd.abi.tcb import Tcb
 from certd.amd import kds as kdsurl
@@ -327,30 +328,6 @@ def _make_dirs(root: Path, directory: Path) -> None:
             continue  # another process made it meanwhile
         if owner is not None:
             os.chown(d, *owner)
-
-
-def _write_atomic(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            if owner is not None:
-                os.fchown(fd, *owner)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _read(path: Path) -> bytes | None:
@@ -637,7 +614,7 @@ class KdsClient:
         the answer is still good."""
         try:
             _make_dirs(self.cache_dir, item.path.parent)
-            _write_atomic(item.path, data, _cache_owner(self.cache_dir))
+            write_atomic(item.path, data, owner=_cache_owner(self.cache_dir))
         except OSError as e:
             self.log.warning("kds cache write failed", what=item.what, path=str(item.path),
                              reason=e.strerror or str(e))
