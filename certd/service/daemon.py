@@ -277,12 +277,12 @@ class Daemon:
         for p in self.profiles:
             if path is None or p.blob_path == path:
                 busy |= p.look() == "busy"
-        if not busy:
-            self.rotator.check("blob or platform changed")
-        if busy and tries:
-            asyncio.get_running_loop().call_later(0.05, self.blob_changed, path, tries - 1)
-        elif not busy:
-            self.notifier.status(self.status_line())
+        if busy:
+            if tries:
+                asyncio.get_running_loop().call_later(0.05, self.blob_changed, path, tries - 1)
+            return
+        self.rotator.check("blob or platform changed")
+        self.notifier.status(self.status_line())
 
     def reload(self) -> None:
         self.notifier.reloading("reloading configuration")
@@ -317,10 +317,8 @@ class Daemon:
         self.profiles = build_profiles(cfg, self.judge, self.profiles)
         self.rotator.close()
         self.rotator = rotation.Rotator(self.profiles.default, setup, metrics.rotation)
-        self.rotator.check("reload")
         for p in self.profiles:
             self._ensure_blob(p)
-            p.look()
         srv = self.server
         srv.profiles, srv.allow = self.profiles, allow_of(cfg)
         srv.limits = limits_of(cfg)
@@ -328,7 +326,9 @@ class Daemon:
         srv.rate = access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst)
         self.watch()
         self.watch_drop_dir()
-        self.blob_changed(None)  # look at every blob now: a profile just added is decided
+        # Look at every blob now (a profile just added is decided) and let the rotator
+        # check what the new configuration serves.
+        self.blob_changed(None)
         log.info("configuration reloaded", config=self.config_path)
         self.notifier.ready("reloaded; " + self.status_line())
 
