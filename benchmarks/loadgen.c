@@ -94,7 +94,8 @@ static double pct(double p) {
 }
 
 /* ---- CPU time of another process ------------------------------------------------------- */
-static long long proc_cpu_ticks(int pid) {
+/* utime+stime of pid in clock ticks; *sys gets stime alone (the kernel's share). */
+static long long proc_cpu_ticks(int pid, long long *sys) {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
     FILE *f = fopen(path, "r");
@@ -108,6 +109,7 @@ static long long proc_cpu_ticks(int pid) {
     /* after ") ": state(3) ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime(14) stime(15) */
     if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) != 2)
         return -1;
+    *sys = (long long)stime;
     return (long long)(utime + stime);
 }
 
@@ -248,7 +250,7 @@ static int run_socket(const char *path, int nconns, double warmup, double second
     uint64_t t_meas = t0 + (uint64_t)(warmup * 1e9);
     uint64_t t_end = t_meas + (uint64_t)(seconds * 1e9);
     uint64_t last_progress = t0;
-    long long cpu0 = -1, cpu1 = -1;
+    long long cpu0 = -1, cpu1 = -1, sys0 = 0, sys1 = 0;
     uint64_t cpu_t0 = 0, cpu_t1 = 0;
     for (int i = 0; i < nconns; i++) send_get(cs[i], t0);
 
@@ -262,11 +264,11 @@ static int run_socket(const char *path, int nconns, double warmup, double second
         uint64_t t = now_ns();
         if (!measuring && t >= t_meas && t < t_end) {
             measuring = 1;
-            if (cpu_pid > 0) { cpu0 = proc_cpu_ticks(cpu_pid); cpu_t0 = now_ns(); }
+            if (cpu_pid > 0) { cpu0 = proc_cpu_ticks(cpu_pid, &sys0); cpu_t0 = now_ns(); }
             t = now_ns();
         }
         if (t >= t_end) {
-            if (cpu_pid > 0 && measuring) { cpu1 = proc_cpu_ticks(cpu_pid); cpu_t1 = now_ns(); }
+            if (cpu_pid > 0 && measuring) { cpu1 = proc_cpu_ticks(cpu_pid, &sys1); cpu_t1 = now_ns(); }
             break;
         }
         if (n > 0) last_progress = t;
@@ -334,8 +336,9 @@ static int run_socket(const char *path, int nconns, double warmup, double second
         if (st.err_codes[i]) { printf("%s\"%d\": %llu", first ? "" : ", ", i, (unsigned long long)st.err_codes[i]); first = 0; }
     printf("}");
     if (cpu_pid > 0 && cpu0 >= 0 && cpu1 >= 0 && cpu_t1 > cpu_t0)
-        printf(", \"server_cpu\": %.3f",
-               (double)(cpu1 - cpu0) / (double)sysconf(_SC_CLK_TCK) / ((double)(cpu_t1 - cpu_t0) / 1e9));
+        printf(", \"server_cpu\": %.3f, \"server_sys\": %.3f",
+               (double)(cpu1 - cpu0) / (double)sysconf(_SC_CLK_TCK) / ((double)(cpu_t1 - cpu_t0) / 1e9),
+               (double)(sys1 - sys0) / (double)sysconf(_SC_CLK_TCK) / ((double)(cpu_t1 - cpu_t0) / 1e9));
     printf("}\n");
     return 0;
 }

@@ -117,8 +117,12 @@ class WireError(ValueError):
 
 
 # --------------------------------------------------------------------------- messages
+#
+# Plain slotted dataclasses, not frozen ones: a frozen dataclass's __init__ goes through
+# object.__setattr__ per field (0.53 µs against 0.15 µs for a GET), and the server builds
+# two messages per GET+RELEASE. Treat them as values all the same.
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Get:
     request_id: int
     vm_id: str
@@ -127,18 +131,18 @@ class Get:
     timeout_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Release:
     request_id: int
     lease_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Status:
     request_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GetReply:
     request_id: int
     ret: int
@@ -148,20 +152,20 @@ class GetReply:
     table: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReleaseReply:
     request_id: int
     lease_id: int
     result: ReleaseResult
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusReply:
     request_id: int
     status: dict
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Error:
     request_id: int
     code: int  # an ErrorCode, or an unknown int from a newer peer
@@ -408,8 +412,9 @@ def _parse_get(buf: bytearray, off: int, n: int, rid: int) -> Get:
         raise _bad(rid, f"GET payload is {n} bytes but vm_id_len {idlen} needs "
                         f"{GET_FIXED_SIZE + idlen}")
     start = off + GET_FIXED_SIZE
-    raw = bytes(buf[start:start + idlen])
-    _check_vm_id(raw, rid)
+    raw = buf[start:start + idlen]
+    if not 0 < idlen <= MAX_VM_ID or raw.translate(None, _PRINTABLE):
+        _check_vm_id(bytes(raw), rid)  # raises, naming what is wrong
     return Get(rid, raw.decode("ascii"), npages, timeout_ms)
 
 

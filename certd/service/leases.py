@@ -39,6 +39,9 @@ class SharedHold:
     closed: bool = False
     idle_since: float = 0.0
     idle_timer: object = None
+    #: The event loop that times its idleness (None: made outside one). Kept here because
+    #: asyncio.get_running_loop() costs a getpid() system call, and a hold goes idle often.
+    loop: asyncio.AbstractEventLoop | None = None
 
     def ref(self) -> None:
         self.leases += 1

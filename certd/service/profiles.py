@@ -278,10 +278,13 @@ class Profile:
             self._decide(table.EMPTY_TABLE, problems, "invalid" if problems else "empty")
             return EMPTY
         self._decide(blob, (), "serving")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         self.current = SharedHold(lock, blob, self.generation, judge=judge, epoch=epoch,
                                   opened=now, checked=now, valid_until=until,
-                                  on_idle=self._idle,
-                                  on_close=self._closed)
+                                  on_idle=self._idle, on_close=self._closed, loop=loop)
         self._arm_idle(self.current)  # a hold no lease takes must not keep the lock
         return self.current
 
@@ -343,9 +346,8 @@ class Profile:
     def _arm_idle(self, hold: SharedHold) -> bool:
         """Close ``hold`` once it has had no lease for ``holds.idle``; False if there is
         no event loop to time it (the caller decides)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = hold.loop
+        if loop is None or loop.is_closed():
             return False
         hold.idle_since = time.monotonic()
         if hold.idle_timer is None:

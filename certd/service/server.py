@@ -176,7 +176,7 @@ class CertServer:
 
 class Connection(asyncio.BufferedProtocol):
     __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases", "partial_since",
-                 "expired_ids", "pending", "idle", "last_active", "log")
+                 "expired_ids", "pending", "idle", "last_active", "log", "loop")
 
     def __init__(self, server: CertServer):
         self.server = server
@@ -191,11 +191,14 @@ class Connection(asyncio.BufferedProtocol):
         self.last_active = 0.0
         self.partial_since = 0.0  # when the unfinished frame in the decoder began
         self.log = log
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set when connected
 
     # -- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
+        self.loop = asyncio.get_running_loop()
         srv = self.server
         srv.counters.connections += 1
         try:
@@ -212,8 +215,7 @@ class Connection(asyncio.BufferedProtocol):
             self._note("connections", "warning", "connection refused", why=refused)
             self._fail(0, wire.ErrorCode.TOO_MANY_CONNECTIONS, refused)
             return
-        self.idle = asyncio.get_running_loop().call_later(srv.limits.idle_timeout,
-                                                          self._idle_check)
+        self.idle = self.loop.call_later(srv.limits.idle_timeout, self._idle_check)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _SHARED_RECV
@@ -322,7 +324,7 @@ class Connection(asyncio.BufferedProtocol):
             deadline = srv.limits.request_deadline
             if msg.timeout_ms:
                 deadline = min(deadline, msg.timeout_ms / 1000)
-            task = asyncio.get_running_loop().create_task(
+            task = self.loop.create_task(
                 self._get_later(msg, profile, deadline, self.last_active))
             self.pending[rid] = task
             return
@@ -391,7 +393,7 @@ class Connection(asyncio.BufferedProtocol):
                         f"{self.leases} leases are live on this connection; RELEASE some first",
                         arg=srv.limits.max_leases_per_connection)
             return
-        lease = srv.leases.grant(msg.vm_id, hold, self, asyncio.get_running_loop())
+        lease = srv.leases.grant(msg.vm_id, hold, self, self.loop)
         self.leases += 1
         srv.counters.served += 1
         self._sendv(wire.pack_get_reply_ok(rid, need, hold.generation, lease.id, size),
@@ -472,7 +474,7 @@ class Connection(asyncio.BufferedProtocol):
         limit = self.server.limits.idle_timeout
         left = self.last_active + limit - time.monotonic()
         if left > 0 or self.leases or self.pending:  # a VMM holding leases is not idle
-            self.idle = asyncio.get_running_loop().call_later(max(left, 1.0), self._idle_check)
+            self.idle = self.loop.call_later(max(left, 1.0), self._idle_check)
             return
         self.log.info("closing idle connection", idle_s=self.server.limits.idle_timeout)
         self._fail(0, wire.ErrorCode.IDLE_TIMEOUT,
