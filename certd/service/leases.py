@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
+from certd.abi import table
 from certd.store import locks
 
 
@@ -42,6 +43,11 @@ class SharedHold:
     #: The event loop that times its idleness (None: made outside one). Kept here because
     #: asyncio.get_running_loop() costs a getpid() system call, and a hold goes idle often.
     loop: asyncio.AbstractEventLoop | None = None
+    #: Pages the table needs (a GET with fewer gets ENOSPC), computed once.
+    npages: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.npages = table.npages(len(self.table))
 
     def ref(self) -> None:
         self.leases += 1

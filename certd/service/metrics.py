@@ -63,8 +63,9 @@ class Events:
     """What happened since start, by label values."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str], int] = {}
-        self.durations: dict[str, Histogram] = {}
+        #: One histogram per (op, ret): a request costs one observe, and the request
+        #: counter and the per-op duration histogram are both derived from these at scrape.
+        self.answers: dict[tuple[str, str], Histogram] = {}
         self.refusals: dict[str, int] = {}
         self.rotations: dict[tuple[str, str], int] = {}
         self.kds_requests: dict[str, int] = {}
@@ -74,12 +75,32 @@ class Events:
     def request(self, op: str, ret: str, seconds: float) -> None:
         """A request of type ``op`` (get, release, status) was answered with ``ret``,
         ``seconds`` after it was read."""
-        key = (op, ret)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        h = self.durations.get(op)
+        self.recorder(op, ret)(seconds)
+
+    def recorder(self, op: str, ret: str) -> Callable[[float], None]:
+        """``request(op, ret, seconds)`` as a callable of ``seconds`` alone, for the hot
+        path to look up once (it is the bound ``observe`` of that answer's histogram)."""
+        h = self.answers.get((op, ret))
         if h is None:
-            h = self.durations[op] = Histogram(REQUEST_BUCKETS)
-        h.observe(seconds)
+            h = self.answers[(op, ret)] = Histogram(REQUEST_BUCKETS)
+        return h.observe
+
+    @property
+    def requests(self) -> dict[tuple[str, str], int]:
+        """Requests answered, by (op, ret)."""
+        return {key: sum(h.counts) for key, h in self.answers.items()}
+
+    @property
+    def durations(self) -> dict[str, Histogram]:
+        """Request durations by op, whatever the answer."""
+        out: dict[str, Histogram] = {}
+        for (op, _), h in self.answers.items():
+            m = out.get(op)
+            if m is None:
+                m = out[op] = Histogram(REQUEST_BUCKETS)
+            m.counts = [a + b for a, b in zip(m.counts, h.counts)]
+            m.sum += h.sum
+        return out
 
     def error(self, code: int, op: str | None = None, seconds: float = 0.0) -> None:
         """An ERROR frame with ``code`` was sent: a refusal if the code is one, and the
@@ -125,6 +146,7 @@ class Events:
 #: The daemon's events; the functions below record into it.
 EVENTS = Events()
 request = EVENTS.request
+recorder = EVENTS.recorder
 error = EVENTS.error
 refusal = EVENTS.refusal
 rotation = EVENTS.rotation
