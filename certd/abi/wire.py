@@ -570,11 +570,11 @@ class Decoder:
         return self._dead
 
     def next(self) -> Message | None:
-        if self._dead is not None:
-            raise self._dead
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < HEADER_SIZE:
+            if self._dead is not None:  # a fatal error empties the buffer: it lands here
+                raise self._dead
             self._need_more()
             return None
         magic, version, mtype, flags, rid, length = HEADER.unpack_from(buf, pos)

@@ -58,7 +58,7 @@ class AllowList:
         return peer.gid in self.gids or any(g in self.gids for g in peer.groups)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     tokens: float
     stamp: float
@@ -80,14 +80,16 @@ class RateLimiter:
     def allow(self, key: str, now: float | None = None) -> bool:
         if self.rate <= 0:
             return True
-        now = time.monotonic() if now is None else now
+        if now is None:
+            now = time.monotonic()
         b = self._buckets.get(key)
         if b is None:
             if len(self._buckets) >= self.max_keys:
                 self._forget_full(now)
             b = self._buckets[key] = _Bucket(self.burst, now)
         else:
-            b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
+            tokens = b.tokens + (now - b.stamp) * self.rate
+            b.tokens = tokens if tokens < self.burst else self.burst
             b.stamp = now
         if b.tokens >= 1.0:
             b.tokens -= 1.0

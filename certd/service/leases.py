@@ -31,12 +31,15 @@ class SharedHold:
     epoch: int = 0  # the platform epoch of that verdict
     opened: float = 0.0  # time.monotonic() when made
     checked: float = 0.0  # when its age was last weighed against a waiting updater
+    #: A kernel-scheme updater was seen blocked on its inode (looked for in a thread).
+    writer_seen: bool = False
+    looking: bool = False
     fresh_until: float = 0.0  # monotonic: the last full check holds until then
     valid_until: float = float("inf")  # wall clock: a date in the blob passes then
     #: Called when the last lease ends (the profile keeps it a moment, or closes it).
     on_idle: Callable[["SharedHold"], None] = lambda hold: hold.close()
     on_close: Callable[["SharedHold"], None] = lambda hold: None
-    leases: int = 0
+    leases: int = 0  # live leases on it, counted by LeaseTable (grant and _end)
     closed: bool = False
     idle_since: float = 0.0
     idle_timer: object = None
@@ -48,14 +51,6 @@ class SharedHold:
 
     def __post_init__(self) -> None:
         self.npages = table.npages(len(self.table))
-
-    def ref(self) -> None:
-        self.leases += 1
-
-    def unref(self) -> None:
-        self.leases -= 1
-        if self.leases == 0:
-            self.on_idle(self)
 
     def close(self) -> None:
         if not self.closed:
@@ -98,7 +93,7 @@ class LeaseTable:
     def grant(self, vm_id: str, hold: SharedHold, owner: object,
               loop: asyncio.AbstractEventLoop) -> Lease:
         lease = Lease(next(self._ids), vm_id, hold, owner, loop.time() + self.timeout)
-        hold.ref()
+        hold.leases += 1  # hold.ref(), inline: this is every GET
         self.live[lease.id] = lease
         self.per_vm[vm_id] = self.per_vm.get(vm_id, 0) + 1
         if self._timer is None:
@@ -142,7 +137,10 @@ class LeaseTable:
             self.per_vm[lease.vm_id] = n
         else:
             del self.per_vm[lease.vm_id]
-        lease.hold.unref()
+        hold = lease.hold
+        hold.leases -= 1  # hold.unref(), inline: this is every RELEASE
+        if not hold.leases:
+            hold.on_idle(hold)
 
     def close(self) -> None:
         if self._timer is not None:

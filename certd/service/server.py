@@ -37,6 +37,12 @@ _RELEASED, _UNKNOWN, _EXPIRED = (int(r) for r in (wire.ReleaseResult.RELEASED,
                                                   wire.ReleaseResult.UNKNOWN,
                                                   wire.ReleaseResult.EXPIRED))
 _RELEASE_NAMES = {int(r): r.name.lower() for r in wire.ReleaseResult}
+#: A GET that arrives within this long of the last decision on its profile (the loop is
+#: busy) is decided together with the other such GETs of this event-loop turn, at its
+#: end: one decision, with its inode check, for a turn's worth of GETs instead of one
+#: each (a system call costs about 2.5 µs here, half a GET's own work), and made after
+#: every one of their frames arrived, so it is as fresh for each as a decision of its own.
+BATCH_WINDOW = 50e-6
 # The hot answers' metrics, looked up once: each is one histogram observe.
 _GET_OK = metrics.recorder("get", "ok")
 _RELEASE_ANSWERED = {r: metrics.recorder("release", name) for r, name in _RELEASE_NAMES.items()}
@@ -88,6 +94,9 @@ class CertServer:
     leases: LeaseTable = field(init=False)
     per_pid: dict[int, int] = field(default_factory=dict)
     _sweeper: asyncio.TimerHandle | None = None
+    #: GETs waiting for the end of this loop turn, by profile (see BATCH_WINDOW).
+    _deferred: dict[Profile, list[tuple["Connection", wire.Get, float]]] = \
+        field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.leases = LeaseTable(self.limits.lease_timeout, on_expire=self._lease_expired)
@@ -120,6 +129,25 @@ class CertServer:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
         return None
+
+    # -- GETs of one loop turn share one decision
+
+    def defer(self, profile: Profile, conn: "Connection", msg: wire.Get) -> None:
+        """Decide ``msg`` at the end of this loop turn, with the others deferred there."""
+        gets = self._deferred.get(profile)
+        if gets is None:
+            gets = self._deferred[profile] = []
+            if len(self._deferred) == 1:
+                conn.loop.call_soon(self._decide_deferred)
+        gets.append((conn, msg, conn.last_active))
+
+    def _decide_deferred(self) -> None:
+        batches, self._deferred = self._deferred, {}
+        for profile, gets in batches.items():
+            got = profile.lease_source()  # after every one of their frames arrived
+            for conn, msg, started in gets:
+                if conn.transport is not None:
+                    conn.decided(msg, profile, got, started)
 
     def forget(self, conn: "Connection") -> None:
         if conn in self.connections:
@@ -311,7 +339,7 @@ class Connection(asyncio.BufferedProtocol):
         if not srv.accepting:
             self._reply_eagain(rid, msg.vm_id, "certd is shutting down")
             return
-        if not srv.rate.allow(msg.vm_id):
+        if not srv.rate.allow(msg.vm_id, self.last_active):
             srv.counters.rate_limited += 1
             wait_ms = int(1000 / srv.rate.rate) + 1
             self._note("rate", "info", "request refused", vm=msg.vm_id, why="rate limit",
@@ -320,7 +348,16 @@ class Connection(asyncio.BufferedProtocol):
                         f"VM {msg.vm_id!r} exceeds {srv.rate.rate:g} requests/s", arg=wait_ms)
             return
         profile = srv.profiles.for_vm(msg.vm_id)
-        got = profile.lease_source()
+        if self.last_active - profile.decided_at < BATCH_WINDOW:
+            srv.defer(profile, self, msg)
+            return
+        self.decided(msg, profile, profile.lease_source(), self.last_active)
+
+    def decided(self, msg: wire.Get, profile: Profile, got: SharedHold | str,
+                started: float) -> None:
+        """Answer ``msg`` by the decision ``got``: at once, or by waiting if BUSY."""
+        srv = self.server
+        rid = msg.request_id
         if got is BUSY:
             if len(self.pending) >= srv.limits.max_requests_in_flight:
                 self._error(rid, wire.ErrorCode.TOO_MANY_REQUESTS,
@@ -330,11 +367,10 @@ class Connection(asyncio.BufferedProtocol):
             deadline = srv.limits.request_deadline
             if msg.timeout_ms:
                 deadline = min(deadline, msg.timeout_ms / 1000)
-            task = self.loop.create_task(
-                self._get_later(msg, profile, deadline, self.last_active))
+            task = self.loop.create_task(self._get_later(msg, profile, deadline, started))
             self.pending[rid] = task
             return
-        self._answer(msg, profile, got)
+        self._answer(msg, profile, got, started)
 
     async def _get_later(self, msg: wire.Get, profile: Profile, wait: float,
                          started: float) -> None:
