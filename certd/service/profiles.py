@@ -149,7 +149,7 @@ class Profile:
     #: How often waiting requests were woken (tests count it: waits are not polls).
     wakeups: int = 0
     #: When lease_source last decided (time.monotonic()).
-    decided_at: float = 0.0
+    decided_at: float = float("-inf")
 
     def __post_init__(self) -> None:
         self.store = blobstore.BlobStore(self.blob_path, self.judge.problems)
