@@ -22,6 +22,8 @@ Names in use (grep for ``fault("`` and ``unsafe("``):
   handing the lock to the enclosing ``certctl lock``.
 * unsafe ``adopt-check``: a nested updater adopts any exclusive lock it sees on the gate,
   without the enclosing ``certctl lock`` answering (a stale ``$CERTD_LOCK_HELD`` works).
+* unsafe ``hoarder-cut``: the daemon never ends a hoarder's lease early while an update
+  waits (an update then waits for the full lease timeout).
 * unsafe ``ensure-recheck``: ``BlobStore.ensure_exists`` writes the empty table even if
   a blob appeared while it waited for the gate.
 

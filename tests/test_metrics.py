@@ -28,6 +28,7 @@ REQUIRED = {
     "certd_request_duration_seconds": "histogram",
     "certd_leases_live": "gauge",
     "certd_leases_expired": "counter",
+    "certd_leases_cut_short": "counter",
     "certd_lock_wait_seconds": "histogram",
     "certd_rotations": "counter",
     "certd_kds_requests": "counter",

@@ -95,7 +95,8 @@ def limits_of(cfg: configmod.Config) -> Limits:
                   max_leases_per_connection=s.max_leases_per_connection,
                   max_connections=s.max_connections,
                   max_connections_per_pid=s.max_connections_per_pid,
-                  max_leases_per_vm=s.max_leases_per_vm, frame_timeout=s.frame_timeout_s)
+                  max_leases_per_vm=s.max_leases_per_vm, frame_timeout=s.frame_timeout_s,
+                  hoarder_grace=s.hoarder_grace_ms / 1000)
 
 
 def allow_of(cfg: configmod.Config) -> access.AllowList:

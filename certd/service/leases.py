@@ -82,12 +82,15 @@ class LeaseTable:
     """
 
     timeout: float
-    on_expire: Callable[[Lease], None] = lambda lease: None
+    #: Called with each lease ended without a RELEASE, and whether it was cut short.
+    on_expire: Callable[[Lease, bool], None] = lambda lease, cut_short: None
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     live: dict[int, Lease] = field(default_factory=dict)
     #: Live leases per VM id.
     per_vm: dict[str, int] = field(default_factory=dict)
     expired: int = 0
+    #: Of those, ended early: a hoarder's, while an update waited.
+    cut_short: int = 0
     _timer: asyncio.TimerHandle | None = None
 
     def grant(self, vm_id: str, hold: SharedHold, owner: object,
@@ -125,10 +128,19 @@ class LeaseTable:
         for lease in due:
             self.expired += 1
             self._end(lease)
-            self.on_expire(lease)
+            self.on_expire(lease, False)
         if self.live:
             first = next(iter(self.live.values()))
             self._timer = loop.call_at(first.deadline, self._sweep, loop)
+
+    def cut(self, leases: list[Lease]) -> None:
+        """End ``leases`` before their time (see CertServer.cut_hoarders), as expired."""
+        for lease in leases:
+            if self.live.get(lease.id) is lease:
+                self.expired += 1
+                self.cut_short += 1
+                self._end(lease)
+                self.on_expire(lease, True)
 
     def _end(self, lease: Lease) -> None:
         del self.live[lease.id]

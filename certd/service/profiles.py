@@ -196,6 +196,12 @@ class Profile:
             return BUSY
         return self._new_hold(now)
 
+    def update_waiting(self) -> bool:
+        """Whether an updater waits for this blob's readers: it holds the gate, or a
+        kernel-scheme updater was seen blocked on the inode of a hold."""
+        return self.lock.updater_waiting() or any(
+            h is not None and h.writer_seen for h in (self.current, self._draining))
+
     def _unfit(self, hold: SharedHold, now: float) -> str | None:
         """Why ``hold`` may take no new lease now, or None if it may."""
         off = self._off

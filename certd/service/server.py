@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from certd import __version__, logs
+from certd import __version__, faults, logs
 from certd.abi import table, wire
 from certd.service import access, health, metrics
 from certd.service.leases import Lease, LeaseTable, SharedHold
@@ -37,6 +37,11 @@ _RELEASED, _UNKNOWN, _EXPIRED = (int(r) for r in (wire.ReleaseResult.RELEASED,
                                                   wire.ReleaseResult.UNKNOWN,
                                                   wire.ReleaseResult.EXPIRED))
 _RELEASE_NAMES = {int(r): r.name.lower() for r in wire.ReleaseResult}
+#: A process whose leases stopped timing out this long ago is no longer a hoarder.
+HOARDER_MEMORY = 600.0
+#: How many hoarding processes are remembered (the most recent).
+MAX_HOARDERS = 4096
+
 #: A GET that arrives within this long of the last decision on its profile (the loop is
 #: busy) is decided together with the other such GETs of this event-loop turn, at its
 #: end: one decision, with its inode check, for a turn's worth of GETs instead of one
@@ -63,6 +68,9 @@ class Limits:
     max_leases_per_vm: int = 4
     #: A connection that has sent part of a frame must complete it within this time.
     frame_timeout: float = 3.0
+    #: While an update waits, a lease of a hoarder (a client process that let a lease
+    #: time out before) ends after this long. See CertServer.cut_hoarders.
+    hoarder_grace: float = 0.2
 
 
 @dataclass
@@ -94,6 +102,10 @@ class CertServer:
     leases: LeaseTable = field(init=False)
     per_pid: dict[int, int] = field(default_factory=dict)
     _sweeper: asyncio.TimerHandle | None = None
+    #: Processes (pid, or the connection without one) that let a lease time out: when
+    #: they last did (time.monotonic()). See cut_hoarders.
+    hoarders: dict[object, float] = field(default_factory=dict)
+    _hoard_timer: asyncio.TimerHandle | None = None
     #: GETs waiting for the end of this loop turn, by profile (see BATCH_WINDOW).
     _deferred: dict[Profile, list[tuple["Connection", wire.Get, float]]] = \
         field(default_factory=dict)
@@ -169,16 +181,74 @@ class CertServer:
         if self.connections:
             self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
-    def _lease_expired(self, lease: Lease) -> None:
-        log.info("lease expired", lease=lease.id, vm=lease.vm_id,
-                 held_s=self.limits.lease_timeout,
-                 why="no RELEASE within the lease timeout; shared lock dropped")
+    def _lease_expired(self, lease: Lease, cut_short: bool) -> None:
         conn = lease.owner
         if isinstance(conn, Connection):
             conn.leases -= 1
             conn.expired_ids[lease.id] = None
             if len(conn.expired_ids) > 1024:
                 del conn.expired_ids[next(iter(conn.expired_ids))]
+        if cut_short:
+            if isinstance(conn, Connection):
+                conn._note("hoard", "warning", "lease ended early", lease=lease.id,
+                           vm=lease.vm_id, grace_s=self.limits.hoarder_grace,
+                           why="an update waits, and this process let leases time out "
+                               "before (server.hoarder_grace_ms)")
+            return
+        log.info("lease expired", lease=lease.id, vm=lease.vm_id,
+                 held_s=self.limits.lease_timeout,
+                 why="no RELEASE within the lease timeout; shared lock dropped")
+        if isinstance(conn, Connection):
+            self._mark_hoarder(conn)
+
+    # -- lease hoarders: what one can still do is bounded by the hoarder grace
+    #
+    # A VMM holds a lease until the guest's report is signed, a few milliseconds; certd
+    # cannot know when that is, so an honest lease is never ended before the lease
+    # timeout. A process that let a lease time out has broken that protocol once: from
+    # then on (for HOARDER_MEMORY), while an update waits, its leases end after
+    # limits.hoarder_grace. So a hoarder delays an update by at most the grace (plus one
+    # tick), not the lease timeout, and honest VMMs keep the full timeout.
+
+    def _hoarder_key(self, conn: "Connection") -> object:
+        return conn.peer.pid if conn.peer is not None else conn
+
+    def is_hoarder(self, owner: object) -> bool:
+        return isinstance(owner, Connection) and self._hoarder_key(owner) in self.hoarders
+
+    def _mark_hoarder(self, conn: "Connection") -> None:
+        key = self._hoarder_key(conn)
+        self.hoarders.pop(key, None)
+        self.hoarders[key] = time.monotonic()  # ordered: the oldest are forgotten first
+        while len(self.hoarders) > MAX_HOARDERS:
+            del self.hoarders[next(iter(self.hoarders))]
+        if self._hoard_timer is None:
+            self._hoard_tick()
+
+    def _hoard_tick(self) -> None:
+        """Every half grace while hoarders are remembered: cut theirs if an update waits."""
+        self._hoard_timer = None
+        now = time.monotonic()
+        for key in [k for k, seen in self.hoarders.items() if now - seen > HOARDER_MEMORY]:
+            del self.hoarders[key]
+        if not self.hoarders:
+            return
+        if self.leases.live and any(p.update_waiting() for p in self.profiles):
+            self.cut_hoarders()
+        self._hoard_timer = asyncio.get_running_loop().call_later(
+            self.limits.hoarder_grace / 2, self._hoard_tick)
+
+    def cut_hoarders(self) -> int:
+        """End hoarders' leases older than the hoarder grace; how many."""
+        if faults.unsafe("hoarder-cut"):
+            return 0
+        # A lease granted one grace ago has this deadline (deadline = granted + timeout).
+        latest = asyncio.get_running_loop().time() - self.limits.hoarder_grace \
+            + self.leases.timeout
+        due = [lease for lease in self.leases.live.values()
+               if lease.deadline <= latest and self.is_hoarder(lease.owner)]
+        self.leases.cut(due)
+        return len(due)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -189,6 +259,7 @@ class CertServer:
             "connections": len(self.connections),
             "leases": len(self.leases.live),
             "leases_expired": self.leases.expired,
+            "leases_cut_short": self.leases.cut_short,
             "counters": vars(self.counters).copy(),
             "profiles": [
                 {"name": p.name, "blob": p.blob_path, "generation": p.generation,
@@ -202,6 +273,9 @@ class CertServer:
         }
 
     def close_all(self) -> None:
+        if self._hoard_timer is not None:
+            self._hoard_timer.cancel()
+            self._hoard_timer = None
         for conn in list(self.connections):
             conn.close()
 
