@@ -487,6 +487,12 @@ def _wire_call(accept: str) -> Callable[[bytes], object]:
             out.append(msg)
 
     def call(data: bytes) -> object:
+        # The server's one-read fast path must agree with the stream decoder.
+        try:
+            single = wire.Decoder(accept).whole(memoryview(data))
+            single_failed = False
+        except wire.WireError:
+            single, single_failed = None, True
         dec = wire.Decoder(accept)
         out: list = []
         k = len(data) * 7 // 13  # two feeds: a frame split across reads
@@ -495,6 +501,9 @@ def _wire_call(accept: str) -> Callable[[bytes], object]:
         dec.feed(memoryview(data)[k:])
         drain(dec, out)
         dec.eof()
+        if (single is not None and out != [single]) or (single_failed and out):
+            raise AssertionError(f"Decoder.whole gave {single!r} (failed: {single_failed}), "
+                                 f"the stream {out!r}")
         for msg in out:  # what decodes re-encodes to the same message
             again = wire.decode_one(wire.encode(msg), accept)
             if again != msg:

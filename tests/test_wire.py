@@ -440,3 +440,24 @@ def test_protocol_md_hex_dumps_match_the_encoder():
         wire.encode_get_reply(3, wire.ENOSPC, 3, 7),
         wire.encode_error(4, ErrorCode.RATE_LIMITED, "rate", arg=250),
     ]
+
+
+def test_whole_takes_exactly_one_frame_and_defers_the_rest_to_next():
+    get = wire.encode_get(7, "vm-1", 4)
+    dec = wire.Decoder(wire.REQUESTS)
+    msg = dec.whole(memoryview(bytearray(get)))
+    assert msg == wire.Get(7, "vm-1", 4, 0)
+    assert dec.buffered == 0
+    # Not exactly one frame, or not one certd accepts as is: None, and next() decides.
+    for data in (get[:-1], get + get, b"XXXX" + get[4:], wire.encode_release(1, 5)[:10]):
+        assert wire.Decoder(wire.REQUESTS).whole(data) is None
+    dec.feed(get[:5])
+    assert dec.whole(get) is None, "something is buffered: the stream goes through next()"
+    # A whole frame with a bad payload raises like next() and is consumed.
+    bad = bytearray(wire.encode_get(9, "vm-1", 4))
+    bad[-1] = 0x01  # a vm id byte outside printable ASCII
+    fresh = wire.Decoder(wire.REQUESTS)
+    with pytest.raises(wire.WireError) as e:
+        fresh.whole(bytes(bad))
+    assert e.value.code == wire.ErrorCode.BAD_VM_ID and e.value.request_id == 9
+    assert fresh.buffered == 0 and fresh.next() is None

@@ -551,6 +551,24 @@ class Decoder:
         if self._dead is None:
             self._buf += data
 
+    def whole(self, data: bytes | bytearray | memoryview) -> Message | None:
+        """The one message ``data`` is, if nothing is buffered and ``data`` is exactly one
+        well-formed frame of an accepted type; else None (then ``feed`` it, and ``next``
+        says what is wrong, if anything). Most reads are one request: this skips the
+        buffer. A frame with a bad payload raises like ``next``."""
+        n = len(data)
+        if self._buf or n < HEADER_SIZE:
+            return None
+        magic, version, mtype, flags, rid, length = HEADER.unpack_from(data, 0)
+        if length + HEADER_SIZE != n or magic != MAGIC or version not in SUPPORTED_VERSIONS \
+                or flags or length > self._max_payload:
+            return None
+        parser = self._parsers.get(mtype)
+        if parser is None:
+            return None
+        self._base += n  # consumed, as next() would count it
+        return parser(bytes(data), HEADER_SIZE, length, rid)
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages."""

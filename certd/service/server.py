@@ -331,17 +331,22 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.last_active = time.monotonic()  # what _touch does, inline: once per read
         dec = self.decoder
-        dec.feed(_SHARED_RECV[:nbytes])
+        data = _SHARED_RECV[:nbytes]
+        try:
+            msg = dec.whole(data)  # the common read, exactly one request: no buffering
+        except wire.WireError as err:  # that one frame, consumed, had a bad payload
+            self._wire_error(err)
+            return
+        if msg is not None:
+            self.partial_since = 0.0
+            self._request(msg)
+            return
+        dec.feed(data)
         while True:
             try:
                 msg = dec.next()
             except wire.WireError as err:
-                self.server.counters.protocol_errors += 1
-                self._note("protocol", "info", "protocol error", error=str(err),
-                           fatal=err.fatal)
-                self._send(wire.encode_wire_error(err))
-                if err.fatal:
-                    self.close()
+                if self._wire_error(err):
                     return
                 continue
             if msg is None:
@@ -350,25 +355,38 @@ class Connection(asyncio.BufferedProtocol):
                 else:
                     self.partial_since = 0.0
                 return
-            if not self.allowed:
-                self._refuse(msg.request_id)
+            if not self._request(msg):
                 return
-            try:
-                if type(msg) is wire.Get:
-                    self._get(msg)
-                elif type(msg) is wire.Release:
-                    self._release(msg)
-                else:
-                    self._send(wire.encode_status_reply(msg.request_id, self.server.status()))
-                    metrics.request("status", "ok", time.monotonic() - self.last_active)
-            except Exception as e:  # a bug: answer it and keep serving everyone else
-                self.log.exception("request failed", request_id=msg.request_id,
-                                   type=type(msg).__name__)
-                self._error(msg.request_id, wire.ErrorCode.INTERNAL,
-                            f"certd failed on this request ({type(e).__name__}: {e}); "
-                            "see its log")
-            if self.transport is None:
-                return
+
+    def _request(self, msg: wire.Message) -> bool:
+        """Answer one request; False once the connection is closed."""
+        if not self.allowed:
+            self._refuse(msg.request_id)
+            return False
+        try:
+            if type(msg) is wire.Get:
+                self._get(msg)
+            elif type(msg) is wire.Release:
+                self._release(msg)
+            else:
+                self._send(wire.encode_status_reply(msg.request_id, self.server.status()))
+                metrics.request("status", "ok", time.monotonic() - self.last_active)
+        except Exception as e:  # a bug: answer it and keep serving everyone else
+            self.log.exception("request failed", request_id=msg.request_id,
+                               type=type(msg).__name__)
+            self._error(msg.request_id, wire.ErrorCode.INTERNAL,
+                        f"certd failed on this request ({type(e).__name__}: {e}); "
+                        "see its log")
+        return self.transport is not None
+
+    def _wire_error(self, err: wire.WireError) -> bool:
+        """Answer a malformed frame; True if that closed the connection (fatal)."""
+        self.server.counters.protocol_errors += 1
+        self._note("protocol", "info", "protocol error", error=str(err), fatal=err.fatal)
+        self._send(wire.encode_wire_error(err))
+        if err.fatal:
+            self.close()
+        return err.fatal
 
     def eof_received(self) -> bool | None:
         try:
