@@ -61,8 +61,10 @@ async def _batched(tmp_path, monkeypatch, change: str) -> bytes:
     real_defer = CertServer.defer
 
     def counting_defer(self, profile, conn, msg):
-        deferred.append(msg.vm_id)
-        return real_defer(self, profile, conn, msg)
+        later = real_defer(self, profile, conn, msg)
+        if later:
+            deferred.append(msg.vm_id)
+        return later
 
     monkeypatch.setattr(CertServer, "defer", counting_defer)
     _, second = await _second_get_after_a_change(tmp_path, change)
