@@ -343,9 +343,10 @@ class ServerConfig:
     hold_max_age_ms: int = field(default=100, metadata=_key(
         _int(1, 60_000), "a shared hold takes new leases for at most this long, then drains "
         "so an updater that only takes the kernel's exclusive OFD lock gets in"))
-    hoarder_grace_ms: int = field(default=200, metadata=_key(
-        _int(1, 600_000), "while an update waits, a lease of a client process that let a "
-        "lease time out before ends after this long (honest clients keep lease_timeout_ms)"))
+    hoarder_grace_ms: int = field(default=50, metadata=_key(
+        _int(1, 600_000), "while an update or a drain waits for readers, a lease of a client "
+        "process that let a lease time out before ends after this long (honest clients keep "
+        "lease_timeout_ms)"))
     hold_gap_ms: int = field(default=2, metadata=_key(
         _int(0, 1000), "after a hold drained for its age, no shared lock is taken for this long"))
     #: ``socket_group`` resolved to a gid by :func:`parse` (None: leave the group as is).

@@ -183,9 +183,10 @@ class RateLimited:
         self.max_keys = max_keys
         self.clock = clock
         self._last: dict[Any, list] = {}  # key -> [time of last line, suppressed since]
+        self._off = faults.unsafe("log-limit")  # read once: a flood calls allow() a lot
 
     def allow(self, key: Any) -> int | None:
-        if faults.unsafe("log-limit"):
+        if self._off:
             return 0
         now = self.clock()
         entry = self._last.get(key)

@@ -149,3 +149,30 @@ async def test_rotation_without_the_lock_is_caught(tmp_path):
         server.close()
         await server.wait_closed()
         srv.profiles.close()
+
+
+async def test_a_pipelined_read_gets_every_answer_even_when_it_ends_fatally(tmp_path):
+    """Several frames in one read are answered with one write (held back, then flushed);
+    a fatal frame at the end closes the connection only after the answers before it."""
+    blob = sized_table(1000)
+    (tmp_path / "certs.blob").write_bytes(blob)
+    profile = Profile("t", str(tmp_path / "certs.blob"), TableOnlyJudge())
+    srv, server, sock = await serve(tmp_path, profile)
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock)
+        burst = b"".join(wire.encode_get(i, f"vm-{i}", 4) for i in (1, 2, 3))
+        writer.write(burst + b"JUNK" + bytes(12))  # bad magic: fatal
+        await writer.drain()
+        got = await asyncio.wait_for(reader.read(), 5)  # to EOF: the server closed
+        dec = wire.Decoder(wire.REPLIES)
+        dec.feed(got)
+        msgs = list(dec)
+        assert [type(m).__name__ for m in msgs] == ["GetReply"] * 3 + ["Error"]
+        assert [m.request_id for m in msgs[:3]] == [1, 2, 3]
+        assert all(m.ret == 0 and m.table == blob for m in msgs[:3])
+        assert msgs[3].code == wire.ErrorCode.BAD_MAGIC
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+        srv.profiles.close()

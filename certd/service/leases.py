@@ -126,6 +126,8 @@ class LeaseTable:
                 break
             due.append(lease)
         for lease in due:
+            if self.live.get(lease.id) is not lease:
+                continue  # ended meanwhile, by what an earlier on_expire did
             self.expired += 1
             self._end(lease)
             self.on_expire(lease, False)

@@ -35,6 +35,7 @@ REQUEST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
 LOCK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 _REFUSALS = range(16, 32)  # wire.ErrorCode: 16-31 are refusals
+_ERROR_NAMES = {int(c): c.name.lower() for c in wire.ErrorCode}
 
 
 class Histogram:
@@ -105,10 +106,7 @@ class Events:
     def error(self, code: int, op: str | None = None, seconds: float = 0.0) -> None:
         """An ERROR frame with ``code`` was sent: a refusal if the code is one, and the
         answer to an ``op`` request if it answered one."""
-        try:
-            name = wire.ErrorCode(code).name.lower()
-        except ValueError:
-            name = str(code)
+        name = _ERROR_NAMES.get(code) or str(code)
         if code in _REFUSALS:
             self.refusal(name)
         if op is not None:

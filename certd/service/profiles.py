@@ -196,11 +196,12 @@ class Profile:
             return BUSY
         return self._new_hold(now)
 
-    def update_waiting(self) -> bool:
-        """Whether an updater waits for this blob's readers: it holds the gate, or a
-        kernel-scheme updater was seen blocked on the inode of a hold."""
-        return self.lock.updater_waiting() or any(
-            h is not None and h.writer_seen for h in (self.current, self._draining))
+    def readers_awaited(self) -> bool:
+        """Whether something waits for this blob's readers to leave: an updater holding
+        the gate, a kernel-scheme updater seen blocked on a hold's inode, or the drain of
+        an aged hold (new GETs wait for it)."""
+        return self._draining is not None or self.lock.updater_waiting() or (
+            self.current is not None and self.current.writer_seen)
 
     def _unfit(self, hold: SharedHold, now: float) -> str | None:
         """Why ``hold`` may take no new lease now, or None if it may."""

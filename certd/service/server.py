@@ -71,9 +71,10 @@ class Limits:
     max_leases_per_vm: int = 4
     #: A connection that has sent part of a frame must complete it within this time.
     frame_timeout: float = 3.0
-    #: While an update waits, a lease of a hoarder (a client process that let a lease
-    #: time out before) ends after this long. See CertServer.cut_hoarders.
-    hoarder_grace: float = 0.2
+    #: While an update (or a hold's drain) waits for readers, a lease of a hoarder (a
+    #: client process that let a lease time out before) ends after this long. See
+    #: CertServer.cut_hoarders.
+    hoarder_grace: float = 0.05
 
 
 @dataclass
@@ -108,7 +109,7 @@ class CertServer:
     #: Processes (pid, or the connection without one) that let a lease time out: when
     #: they last did (time.monotonic()). See cut_hoarders.
     hoarders: dict[object, float] = field(default_factory=dict)
-    _hoard_timer: asyncio.TimerHandle | None = None
+    _hoard_timer: asyncio.Handle | None = None
     #: GETs waiting for the end of this loop turn, by profile (see BATCH_WINDOW).
     _deferred: dict[Profile, list[tuple["Connection", wire.Get, float]]] = \
         field(default_factory=dict)
@@ -168,6 +169,18 @@ class CertServer:
                 if conn.transport is not None:
                     conn.decided(msg, profile, got, started)
 
+    def decide_deferred_of(self, conn: "Connection") -> None:
+        """Decide ``conn``'s deferred GETs now: it is closing, and would lose the answers."""
+        if not self._deferred:
+            return
+        for profile, gets in self._deferred.items():
+            mine = [g for g in gets if g[0] is conn]
+            if mine:
+                gets[:] = [g for g in gets if g[0] is not conn]
+                got = profile.lease_source()
+                for _, msg, started in mine:
+                    conn.decided(msg, profile, got, started)
+
     def forget(self, conn: "Connection") -> None:
         if conn in self.connections:
             self.connections.discard(conn)
@@ -213,9 +226,10 @@ class CertServer:
     # A VMM holds a lease until the guest's report is signed, a few milliseconds; certd
     # cannot know when that is, so an honest lease is never ended before the lease
     # timeout. A process that let a lease time out has broken that protocol once: from
-    # then on (for HOARDER_MEMORY), while an update waits, its leases end after
-    # limits.hoarder_grace. So a hoarder delays an update by at most the grace (plus one
-    # tick), not the lease timeout, and honest VMMs keep the full timeout.
+    # then on (for HOARDER_MEMORY), while an update or the drain of an aged hold waits
+    # for readers, its leases end after limits.hoarder_grace. So a hoarder delays an
+    # update, or the GETs waiting for a drain, by at most 1.5 graces (50 ms: 75 ms, within
+    # the 100 ms request deadline), not the lease timeout; honest VMMs keep the timeout.
 
     def _hoarder_key(self, conn: "Connection") -> object:
         return conn.peer.pid if conn.peer is not None else conn
@@ -229,8 +243,8 @@ class CertServer:
         self.hoarders[key] = time.monotonic()  # ordered: the oldest are forgotten first
         while len(self.hoarders) > MAX_HOARDERS:
             del self.hoarders[next(iter(self.hoarders))]
-        if self._hoard_timer is None:
-            self._hoard_tick()
+        if self._hoard_timer is None:  # not now: this runs inside the lease sweep
+            self._hoard_timer = asyncio.get_running_loop().call_soon(self._hoard_tick)
 
     def _hoard_tick(self) -> None:
         """Every half grace while hoarders are remembered: cut theirs if an update waits."""
@@ -240,7 +254,7 @@ class CertServer:
             del self.hoarders[key]
         if not self.hoarders:
             return
-        if self.leases.live and any(p.update_waiting() for p in self.profiles):
+        if self.leases.live and any(p.readers_awaited() for p in self.profiles):
             self.cut_hoarders()
         self._hoard_timer = asyncio.get_running_loop().call_later(
             self.limits.hoarder_grace / 2, self._hoard_tick)
@@ -289,7 +303,8 @@ class CertServer:
 
 class Connection(asyncio.BufferedProtocol):
     __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases", "partial_since",
-                 "expired_ids", "pending", "idle", "last_active", "log", "loop", "debug")
+                 "expired_ids", "pending", "idle", "last_active", "log", "loop", "debug",
+                 "_out")
 
     def __init__(self, server: CertServer):
         self.server = server
@@ -305,6 +320,9 @@ class Connection(asyncio.BufferedProtocol):
         self.partial_since = 0.0  # when the unfinished frame in the decoder began
         self.log = log
         self.debug = False  # whether debug lines are logged (a filtered call still costs)
+        #: Answers held back while one read's several frames are handled: one write for
+        #: them all, not one system call each (a pipelining client). None: write at once.
+        self._out: list[bytes] | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set when connected
 
     # -- asyncio callbacks
@@ -349,21 +367,27 @@ class Connection(asyncio.BufferedProtocol):
             self._request(msg)
             return
         dec.feed(data)
-        while True:
-            try:
-                msg = dec.next()
-            except wire.WireError as err:
-                if self._wire_error(err):
+        self._out = out = []
+        try:
+            while True:
+                try:
+                    msg = dec.next()
+                except wire.WireError as err:
+                    if self._wire_error(err):
+                        return
+                    continue
+                if msg is None:
+                    if dec.buffered:
+                        self.partial_since = self.partial_since or self.last_active
+                    else:
+                        self.partial_since = 0.0
                     return
-                continue
-            if msg is None:
-                if dec.buffered:
-                    self.partial_since = self.partial_since or self.last_active
-                else:
-                    self.partial_since = 0.0
-                return
-            if not self._request(msg):
-                return
+                if not self._request(msg):
+                    return
+        finally:
+            self._out = None
+            if out and self.transport is not None:
+                self.transport.write(b"".join(out))
 
     def _request(self, msg: wire.Message) -> bool:
         """Answer one request; False once the connection is closed."""
@@ -388,6 +412,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def _wire_error(self, err: wire.WireError) -> bool:
         """Answer a malformed frame; True if that closed the connection (fatal)."""
+        if err.fatal:
+            self.server.decide_deferred_of(self)  # the frames before it are answered first
         self.server.counters.protocol_errors += 1
         self._note("protocol", "info", "protocol error", error=str(err), fatal=err.fatal)
         self._send(wire.encode_wire_error(err))
@@ -596,12 +622,23 @@ class Connection(asyncio.BufferedProtocol):
                                                       if suppressed else {}))
 
     def _send(self, data: bytes) -> None:
-        if self.transport is not None:
+        if self._out is not None:
+            self._out.append(data)
+        elif self.transport is not None:
             self.transport.write(data)
 
     def _sendv(self, head: bytes, body: bytes) -> None:
-        if self.transport is not None:
+        if self._out is not None:
+            self._out += (head, body)
+        elif self.transport is not None:
             self.transport.writelines((head, body))
+
+    def _flush(self) -> None:
+        """Write the answers held back so far (before a close, which drops later writes)."""
+        out = self._out
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+            out.clear()
 
     def _touch(self) -> None:
         # A timestamp per read; one timer per connection re-arms itself (cheaper than
@@ -626,4 +663,6 @@ class Connection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.server.decide_deferred_of(self)
+            self._flush()
             self.transport.close()
