@@ -31,6 +31,9 @@ from certd.store import blobstore
 
 log = structlog.get_logger("certd.daemon")
 
+#: New connections accepted and set up per loop turn (see Daemon.run).
+ACCEPTS_PER_TURN = 8
+
 
 #: certd cannot start; the message says why and what to do, ``code`` the exit code.
 StartupError = rotation.SetupError
@@ -172,7 +175,14 @@ class Daemon:
             if p.look() == "empty":
                 _log_profile(p)
         sock = self.listener()
-        srv = await loop.create_unix_server(self.server.protocol, sock=sock)
+        # asyncio uses ``backlog`` twice: for listen(2) and as the number of connections
+        # it accepts (and sets up) in one loop turn. A connect flood then makes turns of
+        # 100 set-ups, 5 ms and more with every VM waiting: accept a few per turn, and
+        # give the kernel queue its full size back (asyncio set it to the small number;
+        # systemd's socket unit had it at SOMAXCONN).
+        srv = await loop.create_unix_server(self.server.protocol, sock=sock,
+                                            backlog=ACCEPTS_PER_TURN)
+        sock.listen(socket.SOMAXCONN)
         self.http = httpd.HttpServer(metrics.routes(self.server, srv.is_serving))
         try:
             await self.http.start(self.cfg.metrics.address, self.cfg.metrics.socket_mode)
