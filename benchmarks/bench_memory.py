@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         d = start_daemon(tmp / "d", {"max_connections": steps[-1] + 1000,
+                                     # one process stands for many VMMs here
+                                     "max_connections_per_pid": steps[-1] + 1000,
                                      "rate_per_vm": 1000000, "rate_burst": 1048576},
                          nofile=NOFILE)
         from tests.daemon_support import fd_count, status_of
