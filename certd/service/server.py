@@ -212,8 +212,8 @@ class CertServer:
             if isinstance(conn, Connection):
                 conn._note("hoard", "warning", "lease ended early", lease=lease.id,
                            vm=lease.vm_id, grace_s=self.limits.hoarder_grace,
-                           why="an update waits, and this process let leases time out "
-                               "before (server.hoarder_grace_ms)")
+                           why="an update or a drain waits for readers, and this process "
+                               "let leases time out before (server.hoarder_grace_ms)")
             return
         log.info("lease expired", lease=lease.id, vm=lease.vm_id,
                  held_s=self.limits.lease_timeout,
