@@ -23,7 +23,7 @@ import pytest
 from cryptography import x509
 
 from certd import client as clientmod, devpki, platform as platformmod, policy
-from certd.abi import table
+from certd.abi import table, wire
 from certd.amd import roots
 from certd.abi.tcb import Tcb
 from tests.daemon_support import (BIN, NO_RATE_LIMIT, VECTORS, DaemonProc, OverlappingLeases,
@@ -102,7 +102,12 @@ def test_sighup_platform_change_reaches_the_next_lease(tmp_path, server):
         late = busy.since(ready)
         assert late and all(r[3] == table.EMPTY_TABLE and r[2] == 0 for r in late)
         early = busy.before(sighup)
-        assert all(r[3] == old for r in early)
+        # Sent before the reload: the old blob; or EAGAIN when an aged hold drained (these
+        # clients keep leases overlapping, so a drain waits out one GET's deadline); or
+        # the empty table for a GET in flight at the SIGHUP, answered after the reload.
+        assert early and all(r[3] in (old, table.EMPTY_TABLE) or
+                             (r[1] == wire.EAGAIN and not r[2]) for r in early)
+        assert sum(r[3] == old for r in early) >= 20
         print(f"platform change by SIGHUP, hold_max_age_ms "
               f"{server.get('hold_max_age_ms', 100)}: {len(early)} overlapping GETs served "
               f"the old blob, then {len(late)} sent after READY: all the empty table")
