@@ -89,7 +89,7 @@ class LeaseTable:
     #: Live leases per VM id.
     per_vm: dict[str, int] = field(default_factory=dict)
     expired: int = 0
-    #: Of those, ended early: a hoarder's, while an update waited.
+    #: Of those, ended early: a hoarder's, while an update or a drain waited for readers.
     cut_short: int = 0
     _timer: asyncio.TimerHandle | None = None
 

@@ -195,7 +195,7 @@ class Collector:
                                   value=srv.leases.expired)
         yield CounterMetricFamily("certd_leases_cut_short", "of those, leases of a hoarder "
                                   "ended after server.hoarder_grace_ms because an update "
-                                  "waited", value=srv.leases.cut_short)
+                                  "or a drain waited for readers", value=srv.leases.cut_short)
         yield GaugeMetricFamily("certd_connections", "open client connections",
                                 value=len(srv.connections))
         yield CounterMetricFamily("certd_protocol_errors", "malformed frames received",

@@ -164,10 +164,7 @@ class CertServer:
     def _decide_deferred(self) -> None:
         batches, self._deferred = self._deferred, {}
         for profile, gets in batches.items():
-            got = profile.lease_source()  # after every one of their frames arrived
-            for conn, msg, started in gets:
-                if conn.transport is not None:
-                    conn.decided(msg, profile, got, started)
+            self._decide_batch(profile, gets)
 
     def decide_deferred_of(self, conn: "Connection") -> None:
         """Decide ``conn``'s deferred GETs now: it is closing, and would lose the answers."""
@@ -177,9 +174,14 @@ class CertServer:
             mine = [g for g in gets if g[0] is conn]
             if mine:
                 gets[:] = [g for g in gets if g[0] is not conn]
-                got = profile.lease_source()
-                for _, msg, started in mine:
-                    conn.decided(msg, profile, got, started)
+                self._decide_batch(profile, mine)
+
+    @staticmethod
+    def _decide_batch(profile: Profile, gets: list[tuple["Connection", wire.Get, float]]) -> None:
+        got = profile.lease_source()  # one decision, after every one of their frames arrived
+        for conn, msg, started in gets:
+            if conn.transport is not None:
+                conn.decided(msg, profile, got, started)
 
     def forget(self, conn: "Connection") -> None:
         if conn in self.connections:
@@ -247,7 +249,7 @@ class CertServer:
             self._hoard_timer = asyncio.get_running_loop().call_soon(self._hoard_tick)
 
     def _hoard_tick(self) -> None:
-        """Every half grace while hoarders are remembered: cut theirs if an update waits."""
+        """Every half grace while hoarders are remembered: cut theirs if readers are awaited."""
         self._hoard_timer = None
         now = time.monotonic()
         for key in [k for k, seen in self.hoarders.items() if now - seen > HOARDER_MEMORY]:
@@ -342,7 +344,7 @@ class Connection(asyncio.BufferedProtocol):
         self.log = log.bind(peer_pid=self.peer.pid if self.peer else None,
                             peer_uid=self.peer.uid if self.peer else None)
         self.debug = self.log.is_enabled_for(logging.DEBUG)
-        self._touch()
+        self.last_active = time.monotonic()
         refused = srv.admit(self)
         if refused is not None:
             self._note("connections", "warning", "connection refused", why=refused)
@@ -354,7 +356,9 @@ class Connection(asyncio.BufferedProtocol):
         return _SHARED_RECV
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.last_active = time.monotonic()  # what _touch does, inline: once per read
+        # A timestamp per read; one idle timer per connection re-arms itself from it
+        # (cheaper than cancelling and re-creating a timer on every frame).
+        self.last_active = time.monotonic()
         dec = self.decoder
         data = _SHARED_RECV[:nbytes]
         try:
@@ -367,7 +371,7 @@ class Connection(asyncio.BufferedProtocol):
             self._request(msg)
             return
         dec.feed(data)
-        self._out = out = []
+        self._out = []
         try:
             while True:
                 try:
@@ -385,9 +389,8 @@ class Connection(asyncio.BufferedProtocol):
                 if not self._request(msg):
                     return
         finally:
+            self._flush()
             self._out = None
-            if out and self.transport is not None:
-                self.transport.write(b"".join(out))
 
     def _request(self, msg: wire.Message) -> bool:
         """Answer one request; False once the connection is closed."""
@@ -639,11 +642,6 @@ class Connection(asyncio.BufferedProtocol):
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
             out.clear()
-
-    def _touch(self) -> None:
-        # A timestamp per read; one timer per connection re-arms itself (cheaper than
-        # cancelling and re-creating a timer on every frame).
-        self.last_active = time.monotonic()
 
     def _idle_check(self) -> None:
         if self.transport is None:
