@@ -1,8 +1,9 @@
 """Helpers for the store tests: a table-only validator for fake blobs, real AMD blobs and
-matching platform files, certctl as a subprocess, the QEMU-style C reader."""
+matching platform files, certctl as a subprocess, the QEMU-style C reader, a small tmpfs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -13,6 +14,7 @@ import sys
 import textwrap
 import threading
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -21,6 +23,22 @@ from certd.abi.table import Entry, Role
 from certd.verify.problems import Problem
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def tmpfs(mnt: pathlib.Path, options: str):
+    """A tmpfs mounted at ``mnt`` (made here) with ``options``, e.g. ``size=64k,ro``; root
+    only: the test is skipped elsewhere. Lazily unmounted afterwards."""
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
 VECTORS = ROOT / "tests" / "vectors"
 CERTCTL = [sys.executable, "-c", textwrap.dedent("""
     import importlib.util, sys

@@ -14,7 +14,7 @@ from certd.abi import table
 from certd.store import locks
 from certd.store.blobstore import (STEPS, BlobStore, InvalidBlob, NothingToRollBack,
                                    StoreIOError, check)
-from store_support import fake_blob, real_blob, table_only
+from store_support import fake_blob, real_blob, table_only, tmpfs
 
 
 A, B, C = fake_blob(b"A"), fake_blob(b"B"), fake_blob(b"C")
@@ -177,17 +177,11 @@ def test_io_error_at_any_step_before_rename_changes_nothing(store, step):
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 64 KiB tmpfs (root only); unmounted afterwards."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        locks._LOCKS.clear()
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
+    with tmpfs(tmp_path / "mnt", "size=64k") as mnt:
+        try:
+            yield mnt
+        finally:
+            locks._LOCKS.clear()
 
 
 def test_full_disk_for_real(tiny_tmpfs):

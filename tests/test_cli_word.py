@@ -23,6 +23,7 @@ from certd.store import locks
 from daemon_support import (BIN, VECTORS, config_text, listening_socket, make_daemon,
                             start_daemon, status_of, vector_blob, vector_platform)
 from certd import platform as platformmod
+from store_support import tmpfs
 
 ROOT = Path(__file__).parent.parent
 CERTCTL = str(BIN / "certctl")
@@ -268,16 +269,8 @@ def check_config(path: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def ro_mount(tmp_path):
     """A read-only tmpfs (root only); unmounted afterwards."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "size=64k,ro") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_check_config_good(tmp_path):
