@@ -41,6 +41,7 @@ log = structlog.get_logger("certd.inotify")
 
 # Kernel flag values (inotify(7)), for masks passed to Watcher.add.
 ACCESS = pyinotify.IN_ACCESS
+ATTRIB = pyinotify.IN_ATTRIB
 CLOSE_WRITE = pyinotify.IN_CLOSE_WRITE
 MOVED_TO = pyinotify.IN_MOVED_TO
 MOVED_FROM = pyinotify.IN_MOVED_FROM

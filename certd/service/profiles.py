@@ -44,7 +44,7 @@ from certd.abi import table
 from certd.amd.roots import TrustStore
 from certd.platform import PlatformSource
 from certd.service.leases import SharedHold
-from certd.store import blobstore, locks
+from certd.store import blobstore, journal, locks
 from certd.verify.problems import Problem
 
 log = structlog.get_logger("certd.profiles")
@@ -64,6 +64,11 @@ RECHECK_S = 0.001
 #: cannot be used (serve the empty table and say why).
 _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN,
                         errno.ENOBUFS})
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass(eq=False)
@@ -333,17 +338,19 @@ class Profile:
         self._judged = (judge, judge.epoch, blob, valid_until(blob), tuple(problems))
         return problems
 
-    def prejudge(self) -> None:
-        """Judge the file at the path now, without a lock (an updater may still hold it):
-        a blob just renamed into place is then served from the verdict the moment the
-        updater releases, with no chain check on the request path. Only the bytes read
-        are judged; what is served is read again under the lock and must equal them."""
+    def prejudge(self, path: str | None = None) -> None:
+        """Judge the file at the path (or an updater's temp file at ``path``) now, without
+        a lock (its updater may still hold it): a blob about to be or just renamed into
+        place is then served from the verdict the moment the updater releases, with no
+        chain check on the request path. Only the bytes read are judged; what is served
+        is read again under the lock and must equal them."""
+        path = path or self.blob_path
         try:
-            fd = os.open(self.blob_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return
         try:
-            blob = locks.read_blob(fd, self.blob_path)
+            blob = locks.read_blob(fd, path)
         except OSError:
             return
         finally:
@@ -450,15 +457,17 @@ class Profile:
             self._watch_directory(loop)
         fut = loop.create_future()
         self._waiters.append(fut)
-        timer = None
+        # The waiter awaits its future itself (asyncio.wait would add two loop turns
+        # between the wake-up and the new decision); a timer ends the wait at ``timeout``.
+        timers = [loop.call_later(max(timeout, 0), _resolve, fut)]
         if self._draining is None and self._gap_until > time.monotonic():
-            timer = loop.call_later(self._gap_until - time.monotonic(), self._wake)
+            timers.append(loop.call_later(self._gap_until - time.monotonic(), self._wake))
         elif self._watch is False:  # no inotify here: fall back to a short poll
-            timer = loop.call_later(0.002, self._wake)
+            timers.append(loop.call_later(0.002, self._wake))
         try:
-            await asyncio.wait((fut,), timeout=max(timeout, 0))
+            await fut
         finally:
-            if timer is not None:
+            for timer in timers:
                 timer.cancel()
             if fut in self._waiters:
                 self._waiters.remove(fut)
@@ -468,8 +477,16 @@ class Profile:
         names = {os.path.basename(self.blob_path), os.path.basename(self.lock.gate)}
 
         blob_name = os.path.basename(self.blob_path)
+        # certctl writes the new blob to a temp file and sets its mode (IN_ATTRIB) a
+        # millisecond or two before renaming it into place: judged then, its verdict is
+        # ready before the updater releases.
+        new_temp = journal.temp_pattern(blob_name, ("tmp",)).match
 
         def event(ev: "inotify.Event") -> None:
+            if ev.mask & inotify.ATTRIB:
+                if new_temp(ev.name):
+                    self.prejudge(os.path.join(os.path.dirname(self.blob_path), ev.name))
+                return
             if ev.name == blob_name and ev.mask & inotify.MOVED_TO:
                 self.prejudge()  # a new blob is in place; its updater still holds it
             if ev.overflow or ev.gone or ev.name in names:
@@ -478,7 +495,7 @@ class Profile:
         try:
             w = inotify.Watcher(event, loop=loop)
             w.add(os.path.dirname(self.blob_path),
-                  inotify.CLOSE_WRITE | inotify.MOVED_TO | inotify.DELETE)
+                  inotify.CLOSE_WRITE | inotify.MOVED_TO | inotify.DELETE | inotify.ATTRIB)
         except (OSError, inotify.WatchError) as e:
             log.warning("cannot watch the blob directory; waiting requests poll",
                         profile=self.name, error=str(e))
@@ -492,8 +509,7 @@ class Profile:
         self.wakeups += 1
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+            _resolve(fut)
 
     def look(self) -> str:
         """Decide now, for status and logs: the profile's state, or "busy" while an

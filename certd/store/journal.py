@@ -48,9 +48,11 @@ def temp_path(blob_path: str, kind: str) -> str:
     return os.path.join(d, f".{name}.{kind}.{os.getpid()}.{secrets.token_hex(8)}")
 
 
-def temp_pattern(blob_name: str) -> re.Pattern[str]:
-    """Matches exactly the names :func:`temp_path` makes for a blob called ``blob_name``."""
-    return re.compile(r"\A\." + re.escape(blob_name) + r"\.(?:tmp|prevtmp)\.[0-9]+\.[0-9a-f]{16}\Z")
+def temp_pattern(blob_name: str, kinds: tuple[str, ...] = ("tmp", "prevtmp")) -> re.Pattern[str]:
+    """Matches exactly the names :func:`temp_path` makes for a blob called ``blob_name``
+    (of the given kinds)."""
+    return re.compile(r"\A\." + re.escape(blob_name) + r"\.(?:" + "|".join(kinds)
+                      + r")\.[0-9]+\.[0-9a-f]{16}\Z")
 
 
 def _boot_id() -> str | None:
