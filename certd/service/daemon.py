@@ -50,7 +50,20 @@ class Context:
 
 
 def _log_profile(profile: Profile) -> None:
-    metrics.blob_changed(profile)
+    """A profile's ``on_change``: it runs on the request path (the decision that changed
+    what is served is answering a GET), so the log line and the metric are written a
+    loop turn later, after the answers."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        _report_profile(profile, first=not profile.decided)
+        return
+    loop.call_soon(_report_profile, profile, not profile.decided)
+
+
+def _report_profile(profile: Profile, first: bool) -> None:
+    """Log what ``profile`` serves now (a turn after the change: the latest state)."""
+    metrics.blob_changed(profile, first)
     if profile.problems:
         log.error("blob not served", profile=profile.name, blob=profile.blob_path,
                   why="; ".join(map(str, profile.problems)),
@@ -130,6 +143,7 @@ class Daemon:
         self.profiles = build_profiles(cfg, self.judge)
         self.rotator = rotation.Rotator(self.profiles.default, self.setup, metrics.rotation)
         self.dropdir: DropDir | None = None
+        self._blobs_changed: set[str | None] = set()  # for _report_blobs_changed
         lim = limits_of(cfg)
         self.server = CertServer(self.profiles, lim, allow_of(cfg),
                                  access.RateLimiter(cfg.server.rate_per_vm, cfg.server.rate_burst))
@@ -285,7 +299,18 @@ class Daemon:
         why = ("platform file changed" if path == self.platform.path else
                "inotify overflow" if path is None else "blob replaced")
         self.platform_changed(why)
-        self.blob_changed(None if path == self.platform.path else path)
+        # The rest logs, rotates and reports: a loop turn later, after the waiting GETs
+        # that the same events woke (an updater's release) have been answered.
+        path = None if path == self.platform.path else path
+        first = not self._blobs_changed
+        self._blobs_changed.add(path)
+        if first:
+            asyncio.get_running_loop().call_later(0, self._report_blobs_changed)
+
+    def _report_blobs_changed(self) -> None:
+        paths, self._blobs_changed = self._blobs_changed, set()
+        for path in (None,) if None in paths else sorted(paths):
+            self.blob_changed(path)
 
     def blob_changed(self, path: str | None, tries: int = 20) -> None:
         """A blob was replaced (or the platform changed): decide now (logged by the

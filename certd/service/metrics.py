@@ -120,10 +120,11 @@ class Events:
         key = (source, result)
         self.rotations[key] = self.rotations.get(key, 0) + 1
 
-    def blob_changed(self, profile: "Profile") -> None:
+    def blob_changed(self, profile: "Profile", first: bool) -> None:
         """What ``profile`` serves changed (its ``on_change``): a rotation noticed on the
-        file, unless this is the first look at it (start, or a profile a reload added)."""
-        if profile.decided:
+        file, unless this was the first look at it (``first``: start, or a profile a
+        reload added)."""
+        if not first:
             self.rotation("file", health.state(profile))
 
     def kds_request(self, status: str) -> None:
