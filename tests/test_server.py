@@ -176,3 +176,85 @@ async def test_a_pipelined_read_gets_every_answer_even_when_it_ends_fatally(tmp_
         server.close()
         await server.wait_closed()
         srv.profiles.close()
+
+
+async def _flood_and_one_get(tmp_path, frames: int = 6000):
+    """A client pipelines ``frames`` RELEASEs in one write while another VM sends one GET.
+    Returns (the longest run of one connection's requests handled in one loop turn, how
+    many flood frames were handled after the other VM's GET)."""
+    from certd.service import server as servermod
+    (tmp_path / "certs.blob").write_bytes(sized_table(1000))
+    profile = Profile("t", str(tmp_path / "certs.blob"), TableOnlyJudge())
+    srv, server, sock = await serve(tmp_path, profile)
+    seen: list[object] = []  # id(connection) per request handled; None at each loop turn
+    handle = servermod.Connection._request
+
+    def recording(self, msg):
+        seen.append(id(self))
+        return handle(self, msg)
+
+    loop = asyncio.get_running_loop()
+    ticking = True
+
+    def tick():
+        seen.append(None)
+        if ticking:
+            loop.call_soon(tick)
+
+    servermod.Connection._request = recording
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock)
+
+        async def answers() -> int:
+            dec, n = wire.Decoder(wire.REPLIES), 0
+            while n < frames:
+                data = await reader.read(65536)
+                assert data, "the server closed the flood connection"
+                dec.feed(data)
+                n += sum(1 for _ in dec)
+            return n
+
+        collecting = asyncio.create_task(answers())
+        tick()
+        writer.write(b"".join(wire.encode_release(i, 10_000 + i) for i in range(1, frames + 1)))
+        async with AsyncClient(sock) as c:
+            r = await c.get("good-vm", 4)
+            assert r.ret == 0, "precondition: the other VM is served"
+            good = len(seen)
+            await c.release(r.lease_id)
+        assert await asyncio.wait_for(collecting, 30) == frames
+        writer.close()
+    finally:
+        ticking = False
+        servermod.Connection._request = handle
+        server.close()
+        await server.wait_closed()
+        srv.profiles.close()
+    runs, run, last = [], 0, None
+    for x in seen:
+        run = run + 1 if x is not None and x == last else (1 if x is not None else 0)
+        last = x
+        runs.append(run)
+    flood_after = sum(1 for x in seen[good:] if x is not None) - 1  # its RELEASE
+    return max(runs), flood_after
+
+
+async def test_a_pipelining_flood_gets_a_bounded_share_of_each_loop_turn(tmp_path):
+    """A client that pipelines thousands of frames has at most FRAMES_PER_TURN of them
+    answered per loop turn, so another VM's GET is answered while most of the flood
+    still waits (not after a whole 64 KiB read of it)."""
+    from certd.service.server import FRAMES_PER_TURN
+    longest, flood_after = await _flood_and_one_get(tmp_path)
+    print(f"\nflood of 6000 frames: at most {longest} answered in one turn; "
+          f"{flood_after} still to come when the other VM was answered")
+    assert longest <= FRAMES_PER_TURN
+    assert flood_after > 1000, "precondition: the flood was still going on"
+
+
+async def test_control_without_a_frame_budget(tmp_path, monkeypatch):
+    """Negative control: with no per-turn budget one read of the flood (64 KiB, about
+    2,000 frames) is answered in one turn, which the test above would catch."""
+    from certd.service import server as servermod
+    monkeypatch.setattr(servermod, "FRAMES_PER_TURN", 10**9)
+    longest, _ = await _flood_and_one_get(tmp_path)
+    assert longest > 1000, longest

@@ -33,6 +33,10 @@ log = structlog.get_logger("certd.server")
 #: (an idle VM then costs a few KiB, not 64 KiB).
 _RECV_BUFFER = 65536
 _SHARED_RECV = memoryview(bytearray(_RECV_BUFFER))
+#: Frames one connection has answered in one loop turn (see Connection._drain). A VMM
+#: sends one request per vCPU exit; only a pipelining client ever reaches this.
+FRAMES_PER_TURN = 32
+_PAUSED_FOR_WRITES, _PAUSED_FOR_TURN = 1, 2
 _RELEASED, _UNKNOWN, _EXPIRED = (int(r) for r in (wire.ReleaseResult.RELEASED,
                                                   wire.ReleaseResult.UNKNOWN,
                                                   wire.ReleaseResult.EXPIRED))
@@ -306,7 +310,7 @@ class CertServer:
 class Connection(asyncio.BufferedProtocol):
     __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases", "partial_since",
                  "expired_ids", "pending", "idle", "last_active", "log", "loop", "debug",
-                 "_out")
+                 "_out", "_paused")
 
     def __init__(self, server: CertServer):
         self.server = server
@@ -325,6 +329,7 @@ class Connection(asyncio.BufferedProtocol):
         #: Answers held back while one read's several frames are handled: one write for
         #: them all, not one system call each (a pipelining client). None: write at once.
         self._out: list[bytes] | None = None
+        self._paused = 0  # why reading is paused: _PAUSED_FOR_WRITES | _PAUSED_FOR_TURN
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set when connected
 
     # -- asyncio callbacks
@@ -371,9 +376,19 @@ class Connection(asyncio.BufferedProtocol):
             self._request(msg)
             return
         dec.feed(data)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Answer the whole frames buffered, at most FRAMES_PER_TURN of them in this loop
+        turn: a client pipelining thousands of frames in one read (a flood) must not make
+        the turn long for every other VM. The rest wait for the next turn, with reading
+        paused meanwhile (the decoder buffers no more than one read)."""
+        if self.transport is None:
+            return
+        dec = self.decoder
         self._out = []
         try:
-            while True:
+            for _ in range(FRAMES_PER_TURN):
                 try:
                     msg = dec.next()
                 except wire.WireError as err:
@@ -385,9 +400,12 @@ class Connection(asyncio.BufferedProtocol):
                         self.partial_since = self.partial_since or self.last_active
                     else:
                         self.partial_since = 0.0
+                    self._reading(_PAUSED_FOR_TURN, True)
                     return
                 if not self._request(msg):
                     return
+            self._reading(_PAUSED_FOR_TURN, False)
+            self.loop.call_soon(self._drain)
         finally:
             self._flush()
             self._out = None
@@ -447,11 +465,21 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         # A peer that does not read its answers must not make us buffer without limit.
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._reading(_PAUSED_FOR_WRITES, False)
 
     def resume_writing(self) -> None:
-        if self.transport is not None:
+        self._reading(_PAUSED_FOR_WRITES, True)
+
+    def _reading(self, reason: int, on: bool) -> None:
+        """Reading is paused while any reason (a bit) holds: the peer not reading our
+        answers, or frames left over for the next turn."""
+        was = self._paused
+        self._paused = was & ~reason if on else was | reason
+        if self.transport is None or bool(was) == bool(self._paused):
+            return
+        if self._paused:
+            self.transport.pause_reading()
+        else:
             self.transport.resume_reading()
 
     # -- requests
