@@ -161,3 +161,50 @@ def test_dev_mode_end_to_end(tmp_path):
         assert proc.wait(timeout=20) == 0
         proc.stdout.close()
         notify.close()
+
+
+async def _over_rate_flood(tmp_path, gets: int = 400):
+    """One connection sends ``gets`` GETs for one VM (50/s allowed), one at a time, never
+    waiting the wait its refusals name; another VM asks once meanwhile. Returns the
+    server's counters and how many of the flood's GETs were served."""
+    srv, server, path = await _server(tmp_path, rate=access.RateLimiter(50, 1))
+    served = 0
+    try:
+        async with AsyncClient(path) as flood, AsyncClient(path) as quiet:
+            for i in range(gets):
+                try:
+                    r = await flood.get("noisy", 1)
+                except clientmod.Refused as e:
+                    assert e.code == wire.ErrorCode.RATE_LIMITED
+                else:
+                    served += 1
+                    await flood.release(r.lease_id)
+                if i == gets // 2:
+                    q = await quiet.get("quiet", 1)  # another connection is not held up
+                    assert q.ret == 0
+                    await quiet.release(q.lease_id)
+        return srv.counters, served
+    finally:
+        await _close(srv, server)
+
+
+async def test_a_connection_that_keeps_sending_over_its_rate_is_paused(tmp_path):
+    """GETs over the rate limit are each answered RATE_LIMITED; after
+    OVER_RATE_BEFORE_COOLDOWN of them in a row the connection's reading pauses for the
+    wait they named, so a closed-loop flood gets at most that many refusals per wait
+    (and a GET at its rate after each)."""
+    from certd.service.server import OVER_RATE_BEFORE_COOLDOWN as n
+    c, served = await _over_rate_flood(tmp_path)
+    assert c.rate_limited + served == 400 and c.rate_limited > n, "precondition: a flood"
+    print(f"\nover-rate flood: {c.rate_limited} refusals, {served} served, {c.cooled_down} pauses")
+    assert c.cooled_down >= c.rate_limited // n
+    assert c.rate_limited <= (c.cooled_down + 1) * n
+
+
+async def test_control_without_the_cool_down(tmp_path, monkeypatch):
+    """Negative control: with no cool-down the same flood is never paused and gets
+    hundreds of refusals in a row."""
+    from certd.service import server as servermod
+    monkeypatch.setattr(servermod, "OVER_RATE_BEFORE_COOLDOWN", 10**9)
+    c, served = await _over_rate_flood(tmp_path)
+    assert c.cooled_down == 0 and c.rate_limited > 300, (c.rate_limited, served)

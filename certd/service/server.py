@@ -36,7 +36,10 @@ _SHARED_RECV = memoryview(bytearray(_RECV_BUFFER))
 #: Frames one connection has answered in one loop turn (see Connection._drain). A VMM
 #: sends one request per vCPU exit; only a pipelining client ever reaches this.
 FRAMES_PER_TURN = 32
-_PAUSED_FOR_WRITES, _PAUSED_FOR_TURN = 1, 2
+#: GETs over the rate limit in a row (none served in between) after which a connection's
+#: reading pauses for the wait its refusals named (see Connection._cool_down).
+OVER_RATE_BEFORE_COOLDOWN = 16
+_PAUSED_FOR_WRITES, _PAUSED_FOR_TURN, _PAUSED_FOR_RATE = 1, 2, 4
 _RELEASED, _UNKNOWN, _EXPIRED = (int(r) for r in (wire.ReleaseResult.RELEASED,
                                                   wire.ReleaseResult.UNKNOWN,
                                                   wire.ReleaseResult.EXPIRED))
@@ -91,6 +94,7 @@ class Counters:
     releases: int = 0
     refused: int = 0
     rate_limited: int = 0
+    cooled_down: int = 0  # connections paused for sending on over the rate limit
     protocol_errors: int = 0
     connections: int = 0
 
@@ -310,7 +314,7 @@ class CertServer:
 class Connection(asyncio.BufferedProtocol):
     __slots__ = ("server", "transport", "decoder", "peer", "allowed", "leases", "partial_since",
                  "expired_ids", "pending", "idle", "last_active", "log", "loop", "debug",
-                 "_out", "_paused")
+                 "_out", "_paused", "_over_rate")
 
     def __init__(self, server: CertServer):
         self.server = server
@@ -329,7 +333,8 @@ class Connection(asyncio.BufferedProtocol):
         #: Answers held back while one read's several frames are handled: one write for
         #: them all, not one system call each (a pipelining client). None: write at once.
         self._out: list[bytes] | None = None
-        self._paused = 0  # why reading is paused: _PAUSED_FOR_WRITES | _PAUSED_FOR_TURN
+        self._paused = 0  # why reading is paused: a set of _PAUSED_FOR_* bits
+        self._over_rate = 0  # GETs refused for the rate limit since the last one served
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set when connected
 
     # -- asyncio callbacks
@@ -470,6 +475,16 @@ class Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._reading(_PAUSED_FOR_WRITES, True)
 
+    def _cool_down(self, seconds: float) -> None:
+        """Read nothing more from this connection for ``seconds``: it kept sending GETs
+        over its rate limit after being told to wait. Each was answered RATE_LIMITED; a
+        closed-loop flood would otherwise take every CPU cycle the refusals free."""
+        self._over_rate = 0
+        if not self._paused & _PAUSED_FOR_RATE:
+            self._reading(_PAUSED_FOR_RATE, False)
+            self.loop.call_later(seconds, self._reading, _PAUSED_FOR_RATE, True)
+        self.server.counters.cooled_down += 1
+
     def _reading(self, reason: int, on: bool) -> None:
         """Reading is paused while any reason (a bit) holds: the peer not reading our
         answers, or frames left over for the next turn."""
@@ -502,7 +517,11 @@ class Connection(asyncio.BufferedProtocol):
                           rate_per_s=srv.rate.rate)
             self._error(rid, wire.ErrorCode.RATE_LIMITED,
                         f"VM {msg.vm_id!r} exceeds {srv.rate.rate:g} requests/s", arg=wait_ms)
+            self._over_rate += 1
+            if self._over_rate >= OVER_RATE_BEFORE_COOLDOWN:
+                self._cool_down(wait_ms / 1000)
             return
+        self._over_rate = 0
         profile = srv.profiles.for_vm(msg.vm_id)
         if srv.defer(profile, self, msg):
             return
