@@ -106,6 +106,7 @@ class CertServer:
     allow: access.AllowList = field(default_factory=access.AllowList)
     rate: access.RateLimiter = field(default_factory=lambda: access.RateLimiter(50, 100))
     counters: Counters = field(default_factory=Counters)
+    event_loop: str = "asyncio"  # what the daemon runs on (server.event_loop), for STATUS
     connections: set["Connection"] = field(default_factory=set)
     accepting: bool = True
     #: Refusals and protocol errors log at most once a second per peer and kind.
@@ -291,6 +292,7 @@ class CertServer:
             "leases": len(self.leases.live),
             "leases_expired": self.leases.expired,
             "leases_cut_short": self.leases.cut_short,
+            "event_loop": self.event_loop,
             "counters": vars(self.counters).copy(),
             "profiles": [
                 {"name": p.name, "blob": p.blob_path, "generation": p.generation,
@@ -711,3 +713,6 @@ class Connection(asyncio.BufferedProtocol):
             self.server.decide_deferred_of(self)
             self._flush()
             self.transport.close()
+            # A closing connection no longer counts against the connection caps (its
+            # transport may live on until its last answer is written: uvloop's does).
+            self.server.forget(self)
