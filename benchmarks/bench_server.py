@@ -7,7 +7,8 @@ the lease it returned, two round trips. Warm-up, then a fixed measurement window
 
 * certd: a real ``certd --config`` process on the real AMD Milan vector blob (same recipe as
   tests/daemon_support.py), rate limit out of the way, production log level (info).
-* ceiling: a raw server on the same event loop (plain asyncio, BufferedProtocol, the same
+* ceiling: a raw server on the same event loop as certd (asyncio's or uvloop, whichever
+  certd's ``--event-loop`` choice gave it; BufferedProtocol, the same
   receive buffer size as certd) that frames the header just enough and answers the same
   GET_REPLY bytes (same table, written with writelines like certd) and RELEASE_REPLY: no
   locks, no leases, no policy. ratio = certd ops/s / ceiling ops/s.
@@ -18,7 +19,8 @@ the lease it returned, two round trips. Warm-up, then a fixed measurement window
 Every process started here is stopped by its pid in ``finally``; Unix sockets only.
 
 usage: .venv/bin/python benchmarks/bench_server.py [--seconds 5] [--warmup 1]
-           [--conns 1,16,256] [--reader-seconds 2] [--json FILE] [--keep DIR]
+           [--conns 1,16,256] [--reader-seconds 2] [--rounds N]
+           [--event-loop auto|asyncio|uvloop] [--json FILE] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ _HEADER = struct.Struct(_HDR)
 _U64 = struct.Struct("<Q")
 
 
-def raw_server_main(sock_path: str, blob_path: str) -> int:
+def raw_server_main(sock_path: str, blob_path: str, event_loop: str = "asyncio") -> int:
     """The transport ceiling: plain asyncio + BufferedProtocol, same buffer as certd."""
     from certd.service.server import _RECV_BUFFER  # the receive buffer certd uses
 
@@ -113,7 +115,8 @@ def raw_server_main(sock_path: str, blob_path: str) -> int:
         await stop.wait()
         srv.close()
 
-    asyncio.run(main())
+    from certd.service.daemon import event_loop_runner  # certd's own choice of loop
+    event_loop_runner(event_loop)(main())
     return 0
 
 
@@ -200,7 +203,7 @@ def prepare_blob(d: Path) -> tuple[Path, Path]:
     return blob, pf
 
 
-def certd_config(d: Path, blob: Path, platform_file: Path) -> Path:
+def certd_config(d: Path, blob: Path, platform_file: Path, event_loop: str) -> Path:
     cfg = d / "certd.toml"
     cfg.write_text(f"""\
 [server]
@@ -215,6 +218,7 @@ max_connections_per_pid = 4096   # one loadgen process stands for many VMMs
 # bucket never refuses (the bench is about the request path, not the limiter).
 rate_per_vm = 1000000
 rate_burst = 1048576
+event_loop = "{event_loop}"
 
 [access]
 allow_uids = [{os.getuid()}]
@@ -265,9 +269,9 @@ def start_certd(d: Path, cfg: Path, log_path: Path) -> subprocess.Popen:
         note.close()
 
 
-def start_raw(d: Path, blob: Path) -> subprocess.Popen:
+def start_raw(d: Path, blob: Path, event_loop: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--raw-server",
-                             str(d / "raw.sock"), str(blob)],
+                             str(d / "raw.sock"), str(blob), event_loop],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # READY, or EOF if it died
@@ -381,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     p.add_argument("--keep", metavar="DIR",
                    help="work in DIR and keep it (certd log, config); default: a temp dir")
-    p.add_argument("--raw-server", nargs=2, metavar=("SOCK", "BLOB"), help=argparse.SUPPRESS)
+    p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="server.event_loop for certd, and the loop the ceiling runs on too "
+                        "(default auto: uvloop when installed, as certd's default)")
+    p.add_argument("--raw-server", nargs=3, metavar=("SOCK", "BLOB", "LOOP"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.raw_server:
         return raw_server_main(*args.raw_server)
@@ -411,9 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         c_reader = run_loadgen(exe, ["--qemu-reader", str(blob), "--warmup", "0.5",
                                      "--seconds", str(args.reader_seconds)], per_case)
 
-        cfg = certd_config(work, blob, pf)
+        cfg = certd_config(work, blob, pf, args.event_loop)
         certd_proc = start_certd(work, cfg, work / "certd.log")
-        raw_proc = start_raw(work, blob)
+        loop_name = certd_status(str(work / "certd.sock")).get("event_loop", "asyncio")
+        raw_proc = start_raw(work, blob, loop_name)  # the ceiling on the loop certd got
+        print(f"event loop (certd and the ceiling): {loop_name}", flush=True)
         targets = {"certd": (str(work / "certd.sock"), certd_proc, []),
                    "ceiling": (str(work / "raw.sock"), raw_proc, ["--raw"])}
         rows = []
