@@ -350,8 +350,8 @@ class ServerConfig:
     hold_gap_ms: int = field(default=2, metadata=_key(
         _int(0, 1000), "after a hold drained for its age, no shared lock is taken for this long"))
     event_loop: str = field(default="auto", metadata=_key(
-        _choice("auto", "asyncio", "uvloop"), "auto (uvloop when it is installed, else asyncio's own loop), asyncio, "
-        "or uvloop (certd then refuses to start without it)"))
+        _choice("auto", "asyncio", "uvloop"), "auto (uvloop when it is installed, else "
+        "asyncio's own loop), asyncio, or uvloop (certd then refuses to start without it)"))
     #: ``socket_group`` resolved to a gid by :func:`parse` (None: leave the group as is).
     #: Not a TOML key.
     socket_gid: int | None = None

@@ -50,6 +50,7 @@ async def _server(tmp_path, **limits):
 
 
 async def _close(srv, server):
+    srv.close_all()  # connections still open (one paused in a cool-down would linger)
     server.close()
     await server.wait_closed()
     srv.profiles.close()
@@ -208,3 +209,62 @@ async def test_control_without_the_cool_down(tmp_path, monkeypatch):
     monkeypatch.setattr(servermod, "OVER_RATE_BEFORE_COOLDOWN", 10**9)
     c, served = await _over_rate_flood(tmp_path)
     assert c.cooled_down == 0 and c.rate_limited > 300, (c.rate_limited, served)
+
+
+async def _pipelined_over_rate(tmp_path, frames: int = 400):
+    """One write of ``frames`` pipelined GETs for one VM (50/s allowed). Returns the
+    cool-down windows (loop time from, to) and the loop times of the refusals."""
+    from certd.service import server as servermod
+    srv, server, path = await _server(tmp_path, rate=access.RateLimiter(50, 1))
+    loop = asyncio.get_running_loop()
+    windows, refusals = [], []
+    cool_down, error = servermod.Connection._cool_down, servermod.Connection._error
+
+    def recording_cool_down(self, seconds):
+        if not self._cooling():
+            windows.append((loop.time(), loop.time() + seconds))
+        cool_down(self, seconds)
+
+    def recording_error(self, rid, code, message, arg=0):
+        if code == wire.ErrorCode.RATE_LIMITED:
+            refusals.append(loop.time())
+        error(self, rid, code, message, arg)
+
+    servermod.Connection._cool_down = recording_cool_down
+    servermod.Connection._error = recording_error
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"".join(wire.encode_get(i, "noisy", 1) for i in range(1, frames + 1)))
+        dec, answered = wire.Decoder(wire.REPLIES), 0
+        while answered < frames:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            assert data, "the server closed the connection"
+            dec.feed(data)
+            answered += sum(1 for _ in dec)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        servermod.Connection._cool_down, servermod.Connection._error = cool_down, error
+        await _close(srv, server)
+    return windows, refusals
+
+
+def _inside(windows, refusals) -> int:
+    return sum(1 for t in refusals for a, b in windows if a < t < b - 1e-4)
+
+
+async def test_a_cool_down_holds_back_frames_already_read(tmp_path):
+    """Pipelined GETs already read are not answered during a cool-down either: the flood
+    gets its refusals 16 at a time, one batch per wait."""
+    windows, refusals = await _pipelined_over_rate(tmp_path)
+    assert len(refusals) > 100 and windows, "precondition: a flood that was cooled down"
+    assert _inside(windows, refusals) == 0
+
+
+async def test_control_a_cool_down_that_only_stops_reading(tmp_path, monkeypatch):
+    """Negative control: if the frames already buffered were still handled, the flood
+    would be answered right through its cool-downs."""
+    from certd.service import server as servermod
+    monkeypatch.setattr(servermod.Connection, "_cooling", lambda self: False)
+    windows, refusals = await _pipelined_over_rate(tmp_path)
+    assert windows and _inside(windows, refusals) > 100

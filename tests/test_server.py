@@ -224,6 +224,7 @@ async def _flood_and_one_get(tmp_path, frames: int = 6000):
             await c.release(r.lease_id)
         assert await asyncio.wait_for(collecting, 30) == frames
         writer.close()
+        await writer.wait_closed()
     finally:
         ticking = False
         servermod.Connection._request = handle

@@ -390,8 +390,8 @@ class Connection(asyncio.BufferedProtocol):
         turn: a client pipelining thousands of frames in one read (a flood) must not make
         the turn long for every other VM. The rest wait for the next turn, with reading
         paused meanwhile (the decoder buffers no more than one read)."""
-        if self.transport is None:
-            return
+        if self.transport is None or self._cooling():
+            return  # (a cool-down's end calls this again)
         dec = self.decoder
         self._out = []
         try:
@@ -409,7 +409,7 @@ class Connection(asyncio.BufferedProtocol):
                         self.partial_since = 0.0
                     self._reading(_PAUSED_FOR_TURN, True)
                     return
-                if not self._request(msg):
+                if not self._request(msg) or self._cooling():
                     return
             self._reading(_PAUSED_FOR_TURN, False)
             self.loop.call_soon(self._drain)
@@ -482,14 +482,23 @@ class Connection(asyncio.BufferedProtocol):
         over its rate limit after being told to wait. Each was answered RATE_LIMITED; a
         closed-loop flood would otherwise take every CPU cycle the refusals free."""
         self._over_rate = 0
-        if not self._paused & _PAUSED_FOR_RATE:
+        if not self._cooling():
             self._reading(_PAUSED_FOR_RATE, False)
-            self.loop.call_later(seconds, self._reading, _PAUSED_FOR_RATE, True)
-        self.server.counters.cooled_down += 1
+            self.loop.call_later(seconds, self._cooled)
+            self.server.counters.cooled_down += 1
+
+    def _cooling(self) -> bool:
+        """Whether a cool-down is on: no frame of this connection is handled, not even
+        those already read (a pipelining flood has thousands buffered)."""
+        return bool(self._paused & _PAUSED_FOR_RATE)
+
+    def _cooled(self) -> None:
+        self._reading(_PAUSED_FOR_RATE, True)
+        self._drain()  # the frames left buffered, if any
 
     def _reading(self, reason: int, on: bool) -> None:
         """Reading is paused while any reason (a bit) holds: the peer not reading our
-        answers, or frames left over for the next turn."""
+        answers, frames left over for the next turn, or a cool-down."""
         was = self._paused
         self._paused = was & ~reason if on else was | reason
         if self.transport is None or bool(was) == bool(self._paused):
