@@ -8,6 +8,7 @@ which adds its parser and sets ``func(args) -> int``. Subcommands raise
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -51,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return exitcodes.USAGE
+    try:
+        return _run(args)
+    finally:
+        if argv is None:  # the program itself, about to exit (not a caller of main())
+            # The interpreter's last collection at exit walks every object: 20-30 ms of
+            # CPU (measured) that an updater would spend right after releasing the lock,
+            # when certd and the guests' VMMs need it. Frozen objects are skipped.
+            gc.freeze()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except CliError as err:
