@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="server.event_loop for certd, and the loop the ceiling runs on too "
                         "(default auto: uvloop when installed, as certd's default)")
-    p.add_argument("--raw-server", nargs=3, metavar=("SOCK", "BLOB", "LOOP"), help=argparse.SUPPRESS)
+    p.add_argument("--raw-server", nargs=3, metavar=("SOCK", "BLOB", "LOOP"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.raw_server:
         return raw_server_main(*args.raw_server)

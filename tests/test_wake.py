@@ -138,7 +138,8 @@ async def _install_while_a_get_waits(tmp_path, wait_for_verdict_s: float):
             await profile.changed(0)  # sets up the directory watch that waiting GETs use
             loop = asyncio.get_running_loop()
             upd = loop.run_in_executor(None, update)
-            assert await loop.run_in_executor(None, gate_taken.wait, 5), "precondition: the update locked"
+            assert await loop.run_in_executor(None, gate_taken.wait, 5), \
+                "precondition: the update locked"
             r = await c.get("vm", 4)  # waits for the updater
             await upd
             await c.release(r.lease_id)

@@ -53,12 +53,13 @@ def _log_profile(profile: Profile) -> None:
     """A profile's ``on_change``: it runs on the request path (the decision that changed
     what is served is answering a GET), so the log line and the metric are written a
     loop turn later, after the answers."""
+    first = not profile.decided  # now: the profile marks itself decided after this call
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        _report_profile(profile, first=not profile.decided)
+        _report_profile(profile, first)
         return
-    loop.call_soon(_report_profile, profile, not profile.decided)
+    loop.call_soon(_report_profile, profile, first)
 
 
 def _report_profile(profile: Profile, first: bool) -> None:
@@ -303,11 +304,9 @@ class Daemon:
         self.platform_changed(why)
         # The rest logs, rotates and reports: a loop turn later, after the waiting GETs
         # that the same events woke (an updater's release) have been answered.
-        path = None if path == self.platform.path else path
-        first = not self._blobs_changed
-        self._blobs_changed.add(path)
-        if first:
+        if not self._blobs_changed:  # one report for the events of this turn
             asyncio.get_running_loop().call_later(0, self._report_blobs_changed)
+        self._blobs_changed.add(None if path == self.platform.path else path)
 
     def _report_blobs_changed(self) -> None:
         paths, self._blobs_changed = self._blobs_changed, set()

@@ -474,9 +474,8 @@ class Profile:
 
     def _watch_directory(self, loop: asyncio.AbstractEventLoop) -> None:
         from certd import inotify  # only a daemon with waiting requests needs it
-        names = {os.path.basename(self.blob_path), os.path.basename(self.lock.gate)}
-
-        blob_name = os.path.basename(self.blob_path)
+        directory, blob_name = os.path.split(self.blob_path)
+        names = {blob_name, os.path.basename(self.lock.gate)}
         # certctl writes the new blob to a temp file and sets its mode (IN_ATTRIB) a
         # millisecond or two before renaming it into place: judged then, its verdict is
         # ready before the updater releases.
@@ -485,7 +484,7 @@ class Profile:
         def event(ev: "inotify.Event") -> None:
             if ev.mask & inotify.ATTRIB:
                 if new_temp(ev.name):
-                    self.prejudge(os.path.join(os.path.dirname(self.blob_path), ev.name))
+                    self.prejudge(os.path.join(directory, ev.name))
                 return
             if ev.name == blob_name and ev.mask & inotify.MOVED_TO:
                 self.prejudge()  # a new blob is in place; its updater still holds it
@@ -494,7 +493,7 @@ class Profile:
 
         try:
             w = inotify.Watcher(event, loop=loop)
-            w.add(os.path.dirname(self.blob_path),
+            w.add(directory,
                   inotify.CLOSE_WRITE | inotify.MOVED_TO | inotify.DELETE | inotify.ATTRIB)
         except (OSError, inotify.WatchError) as e:
             log.warning("cannot watch the blob directory; waiting requests poll",
